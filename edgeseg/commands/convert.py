@@ -1,0 +1,97 @@
+"""edgeseg convert MODEL --to onnx|coreml [--precision P] --out BUNDLE"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from edgeseg.api import COREML_PRECISIONS, ONNX_PRECISIONS
+from edgeseg.errors import ConversionError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="'default', a checkpoint (.pt), TorchScript, ONNX file, or package.module:factory")
+    p.add_argument("--to", choices=("onnx", "coreml"), default="onnx")
+    p.add_argument("--precision", default=None,
+                   help=f"onnx: {', '.join(ONNX_PRECISIONS)} (default fp32); coreml: {', '.join(COREML_PRECISIONS)} (default fp16)")
+    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="network input size (default: the model's)")
+    p.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
+    p.add_argument("--fold-normalization", action="store_true", help="uint8 input; normalisation inside the graph")
+    p.add_argument("--argmax", action="store_true", help="end the graph with ArgMax (uint8 class map output)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--labels", help="labels file (one per line) or comma-separated names")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword for a factory (repeatable)")
+    p.add_argument("--exporter", choices=("auto", "torchscript", "dynamo"), default="auto")
+    q = p.add_argument_group("int8 (onnx)")
+    q.add_argument("--calib", help="calibration frames: image folder, video or dataset spec (needed for int8)")
+    q.add_argument("--method", choices=("minmax", "percentile", "entropy"), default="entropy")
+    q.add_argument("--target", choices=("tensorrt", "cpu", "both"), default="both")
+    q.add_argument("--max-miou-drop", type=float, default=0.5, help="accuracy budget in mIoU points")
+    c = p.add_argument_group("coreml")
+    c.add_argument("--output", choices=("logits", "probs", "mask"), default="logits", help="CoreML output kind")
+    c.add_argument("--deployment-target", default="iOS17", help="minimum deployment target (iOS16, iOS17, iOS18, macOS14 ...)")
+
+
+def parse_labels(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    path = Path(text)
+    if path.is_file():
+        labels = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        labels = [s.strip() for s in text.split(",") if s.strip()]
+    if not labels:
+        raise ConversionError(f"no labels found in {text!r}; give a file with one label per line or 'a,b,c'")
+    return labels
+
+
+def parse_model_args(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConversionError(f"--model-arg expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def run(args) -> int:
+    from edgeseg.api import convert
+
+    precision = args.precision or ("fp32" if args.to == "onnx" else "fp16")
+    kw = dict(labels=parse_labels(args.labels), model_args=parse_model_args(args.model_arg))
+    if args.input_size:
+        kw["input_size"] = tuple(args.input_size)
+    if args.to == "onnx":
+        kw.update(dynamic=args.dynamic, fold_normalization=args.fold_normalization, argmax=args.argmax,
+                  opset=args.opset, exporter=args.exporter)
+        bundle = convert(args.model, args.out, to="onnx", precision=precision, calib=args.calib,
+                         calib_method=args.method, calib_target=args.target, max_miou_drop=args.max_miou_drop, **kw)
+    else:
+        bundle = convert(args.model, args.out, to="coreml", precision=precision, output=args.output,
+                         minimum_deployment_target=args.deployment_target, **kw)
+    print(f"wrote {bundle.path}")
+    for art in bundle.manifest.artifacts:
+        print("  " + describe_artifact(art))
+    return 0
+
+
+def describe_artifact(art) -> str:
+    parts = [f"{art.path:<36} {art.backend:<12} {art.precision:<12}"]
+    if art.target:
+        parts.append(f"target={art.target}")
+    p = art.parity
+    if "max_abs" in p:
+        parts.append(f"max|Δlogit|={p['max_abs']:.2e}")
+    if "mask_agreement" in p:
+        parts.append(f"mask agreement={100 * p['mask_agreement']:.2f}%")
+    m = art.metrics
+    if "miou" in m:
+        parts.append(f"mIoU={m['miou']:.4f}")
+    if "size_bytes" in m:
+        parts.append(f"size={m['size_bytes'] / 1e6:.2f} MB")
+    return "  ".join(parts)

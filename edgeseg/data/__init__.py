@@ -1,0 +1,10 @@
+"""Datasets: readers of the field's formats and the synthetic scene generator.
+
+Readers return (BGR uint8 image, uint8 class mask) pairs so the same preprocessing as the runtime
+applies; none of them imports torch.
+"""
+from edgeseg.data.synthetic import LABELS as SYNTHETIC_LABELS
+from edgeseg.data.synthetic import PALETTE as SYNTHETIC_PALETTE
+from edgeseg.data.synthetic import SyntheticClip, SyntheticScenes
+
+__all__ = ["SyntheticScenes", "SyntheticClip", "SYNTHETIC_LABELS", "SYNTHETIC_PALETTE"]

@@ -1,0 +1,22 @@
+"""Exception types for bad input, missing hardware or missing optional packages.
+
+Every error a user can cause derives from `EdgesegError`; its message names the problem and the
+fix. The CLI prints such errors without a traceback and exits 2. This module imports nothing, so
+any part (the torch-free runtime included) can use it.
+"""
+from __future__ import annotations
+
+
+class EdgesegError(Exception):
+    """Base of user-facing errors."""
+
+
+class SourceError(EdgesegError, RuntimeError):
+    """A frame source that cannot be opened or read."""
+
+
+class ConversionError(EdgesegError, RuntimeError):
+    """A model that cannot be loaded, exported or converted."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (EdgesegError, FileNotFoundError)

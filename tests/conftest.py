@@ -1,0 +1,69 @@
+"""Shared fixtures; hardware markers skip with the reason when the hardware is missing."""
+from __future__ import annotations
+
+import importlib.util
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _cuda_reason() -> str | None:
+    if importlib.util.find_spec("pycuda") is None:
+        return "pycuda is not installed (needs an NVIDIA GPU and the CUDA toolkit)"
+    try:
+        import pycuda.driver as cuda
+
+        cuda.init()
+        if cuda.Device.count() == 0:
+            return "no CUDA device"
+    except Exception as e:
+        return f"CUDA unusable: {e}"
+    return None
+
+
+def _tensorrt_reason() -> str | None:
+    if importlib.util.find_spec("tensorrt") is None:
+        return "TensorRT is not installed (its builder is not installable here: pip install 'edgeseg[tensorrt]' on a GPU machine)"
+    return _cuda_reason()
+
+
+def pytest_collection_modifyitems(config, items):
+    reasons = {}
+    for item in items:
+        for marker, probe in (("gpu", _cuda_reason), ("tensorrt", _tensorrt_reason),
+                              ("macos", lambda: None if platform.system() == "Darwin" else "CoreML predict needs macOS")):
+            if marker in item.keywords:
+                if marker not in reasons:
+                    reasons[marker] = probe()
+                if reasons[marker]:
+                    item.add_marker(pytest.mark.skip(reason=reasons[marker]))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded default model (torch) and its checkpoint dict."""
+    from edgeseg.models import load_checkpoint
+    from edgeseg.train import DEFAULT_CHECKPOINT
+
+    return load_checkpoint(DEFAULT_CHECKPOINT)
+
+
+@pytest.fixture(scope="session")
+def default_bundle(tmp_path_factory):
+    """A bundle converted from the default model (ONNX fp32), shared by the session's tests."""
+    from converters.onnx import convert
+
+    out = tmp_path_factory.mktemp("bundles") / "default"
+    return convert("default", out)
