@@ -43,15 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # Parse the command name first, then let only that command's module add its arguments.
-    known, _ = parser.parse_known_args(argv)
-    if not known.command:
+    # Only the named command's module loads and adds its arguments (so `--help` shows them too).
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in COMMANDS:
+        module = importlib.import_module(f"edgeseg.commands.{command}")
+        module.add_arguments(parser._subparsers._group_actions[0].choices[command])
+    args = parser.parse_args(argv)
+    if not args.command:
         parser.print_help()
         return 2
-    module = importlib.import_module(known._module)
-    sub = parser._subparsers._group_actions[0].choices[known.command]
-    module.add_arguments(sub)
-    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(module.run(args) or 0)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         if _is_user_error(e) and not args.verbose:
-            print(f"edgeseg {known.command}: error: {e}", file=sys.stderr)
+            print(f"edgeseg {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise
 

@@ -31,6 +31,10 @@ def _cuda_reason() -> str | None:
 def _tensorrt_reason() -> str | None:
     if importlib.util.find_spec("tensorrt") is None:
         return "TensorRT is not installed (its builder is not installable here: pip install 'edgeseg[tensorrt]' on a GPU machine)"
+    import tensorrt
+
+    if not hasattr(tensorrt, "Builder"):
+        return "only TensorRT's lean runtime is installed; building engines needs the full tensorrt package"
     return _cuda_reason()
 
 

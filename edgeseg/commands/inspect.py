@@ -73,7 +73,7 @@ def onnx_facts(path: Path) -> dict:
     try:
         from converters.tensorrt import preflight
 
-        problems = [str(p) for p in preflight(m)]
+        problems = [str(p) for p in preflight(m) if p.severity == "error"]
     except ImportError:
         problems = []
     return {

@@ -64,6 +64,7 @@ class GpuContext:
         self.device = cuda.Device(device)
         self.index = device
         self.context = self.device.retain_primary_context()
+        self.modules: dict[str, object] = {}  # compiled kernel modules live in this context
 
     @contextlib.contextmanager
     def active(self):
@@ -83,6 +84,7 @@ class GpuContext:
 
     def release(self) -> None:
         if self.context is not None:
+            self.modules.clear()
             self.context.detach()
             self.context = None
 
@@ -223,12 +225,21 @@ class TensorRTEngine:
             raise
 
     # -- construction from a bundle ----------------------------------------------------------------
+    BUILD_OPTIONS = ("shapes", "workspace_mb", "version_compatible", "hardware_compatible", "optimization_level",
+                     "strongly_typed", "timing_cache")
+
     @classmethod
     def from_bundle(cls, bundle, precision: str | None = None, *, device: int = 0, build: bool = True,
-                    slots: int = 1, **build_options) -> "TensorRTEngine":
+                    slots: int = 1, **options) -> "TensorRTEngine":
         """The bundle's engine for this GPU and TensorRT; when it has none that fits, build one into the
-        engine cache (from the bundle's ONNX graphs) unless build=False."""
-        from converters.tensorrt import Target, stale_reasons, EngineHeader
+        engine cache (from the bundle's ONNX graphs) unless build=False. `options` may carry build
+        options (BUILD_OPTIONS); options meant for other backends (threads, ...) are ignored."""
+        from converters.tensorrt import EngineHeader, Target, stale_reasons
+
+        build_options = {k: v for k, v in options.items() if k in cls.BUILD_OPTIONS}
+        ignored = sorted(set(options) - set(build_options))
+        if ignored:
+            log.debug("TensorRT engine ignores options %s", ignored)
 
         trt = _import_tensorrt()
         gpu = GpuContext(device)
@@ -265,7 +276,7 @@ class TensorRTEngine:
 
         try:
             trt = import_tensorrt()
-            source = bundle_engine_source(bundle, precision, trt)
+            source = bundle_engine_source(bundle, precision, trt, build_options.get("strongly_typed"))
             shapes = build_options.pop("shapes", None) or default_shapes(bundle, source)
             options = BuildOptions(precision=precision, shapes=shapes, device=device, **build_options)
             log.info("building a TensorRT %s engine for %s into the engine cache (first run only)", precision, bundle.path)
