@@ -50,7 +50,9 @@ def create(name: str, num_classes: int = 21, **kw):
     if int(num_classes) < 1:
         raise ModelError(f"num_classes must be >= 1, got {num_classes}")
     model = _REGISTRY[name](num_classes=int(num_classes), **kw)
-    model.edgeseg_arch = {"name": name, "num_classes": int(num_classes), "kwargs": kw}
+    # backbone weights end up in the state_dict: a checkpoint must not need the file again
+    arch_kw = {k: v for k, v in kw.items() if k != "backbone_weights"}
+    model.edgeseg_arch = {"name": name, "num_classes": int(num_classes), "kwargs": arch_kw}
     return model
 
 

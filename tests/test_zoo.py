@@ -1,0 +1,192 @@
+"""Every zoo model trains a few steps, exports to ONNX with parity against torch, passes the
+TensorRT preflight and converts to CoreML; plus the encoders' feature strides and weight loading."""
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from edgeseg import models
+from edgeseg.spec import Preprocess
+
+# small configurations so the whole zoo runs in a couple of minutes on two cores
+SMALL = {
+    "unet": dict(base=8, depth=3),
+    "lraspp_mobilenetv3": dict(width=0.5),
+    "lraspp_mobilenetv3_small": dict(width=0.5),
+    "deeplabv3plus_mobilenetv3": dict(variant="small", width=0.5, aspp_channels=32, decoder_channels=32, low_channels=16),
+    "deeplabv3plus_resnet": dict(depth=18, width=0.5, aspp_channels=32, decoder_channels=32, low_channels=16),
+    "fastfcn_resnet": dict(depth=18, width=0.5, jpu_width=32, head_channels=32),
+    "gscnn_resnet": dict(depth=18, width=0.5, aspp_channels=32, decoder_channels=32, shape_channels=16),
+}
+NUM_CLASSES = 3
+SIZE = (64, 64)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # one thread: on a loaded 2-core machine, thread hand-offs cost more than these small convolutions
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def build(name):
+    torch.manual_seed(0)
+    return models.create(name, num_classes=NUM_CLASSES, **SMALL.get(name, {}))
+
+
+def toy_batch():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, *SIZE, generator=g)
+    y = torch.zeros(2, *SIZE, dtype=torch.long)
+    y[:, 16:48, 8:40] = 1
+    y[1, 40:60, 30:60] = 2
+    y[0, :4] = 255
+    return x, y
+
+
+def _optional(module, name):
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def export(model, path, pre):
+    """The SDK's exporter when present; otherwise the dynamo exporter directly."""
+    export_onnx = _optional("converters.onnx", "export_onnx")
+    if export_onnx is not None:
+        export_onnx(model, path, preprocess=pre)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 3, *pre.size),), str(path), dynamo=True, input_names=["input"],
+                          output_names=["logits"], external_data=False)
+
+
+def to_coreml(model, path, pre, labels):
+    convert_coreml = _optional("converters.coreml", "convert_coreml")
+    if convert_coreml is not None:
+        palette = [[(37 * i) % 256, (91 * i) % 256, (151 * i) % 256] for i in range(len(labels))]
+        convert_coreml(model, path, preprocess=pre, labels=labels, palette=palette, precision="fp16")
+        return
+    import coremltools as ct
+
+    x = torch.zeros(1, 3, *pre.size)
+    program = torch.export.export(model, (x,)).run_decompositions({})
+    mlmodel = ct.convert(program, inputs=[ct.TensorType(name="input", shape=x.shape)], convert_to="mlprogram",
+                         compute_precision=ct.precision.FLOAT16, minimum_deployment_target=ct.target.iOS16)
+    mlmodel.save(str(path))
+
+
+@pytest.mark.parametrize("name", models.available())
+def test_zoo_model_trains_exports_and_converts(name, tmp_path):
+    model = build(name)
+    assert getattr(model, "input_multiple", 0) >= 1 and SIZE[0] % model.input_multiple == 0
+
+    # -- trains: a few steps on a fixed toy batch lower the loss (through the training hook if any)
+    from edgeseg.losses import build_loss
+    from edgeseg.train import _step_loss
+
+    x, y = toy_batch()
+    loss_fn = build_loss("ce")
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(6):
+        loss = _step_loss(model, x, y, loss_fn, 255)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0], f"{name}: loss {losses}"
+
+    # -- exports to ONNX, output matching torch
+    model.eval()
+    pre = Preprocess(size=SIZE)
+    onnx_path = tmp_path / f"{name}.onnx"
+    export(model, onnx_path, pre)
+    import onnx
+    import onnxruntime as ort
+
+    graph = onnx.load(str(onnx_path)).graph
+    ops = {n.op_type for n in graph.node}
+    assert not ops & {"Shape", "NonZero", "Loop", "If"}, f"{name}: data-dependent ops {ops & {'Shape', 'NonZero', 'Loop', 'If'}}"
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    frames = torch.randn(2, 1, 3, *SIZE, generator=torch.Generator().manual_seed(1))
+    for frame in frames:
+        (out,) = sess.run(None, {sess.get_inputs()[0].name: frame.numpy()})[:1]
+        with torch.no_grad():
+            ref = model(frame).numpy()
+        assert out.shape == ref.shape == (1, NUM_CLASSES, *SIZE)
+        scale = max(1.0, float(np.abs(ref).max()))
+        assert np.abs(out - ref).max() <= 1e-4 * scale, f"{name}: ONNX parity {np.abs(out - ref).max():.2e}"
+        assert np.mean(out.argmax(1) == ref.argmax(1)) > 0.999
+
+    # -- passes the TensorRT preflight
+    preflight = _optional("converters.tensorrt", "preflight")
+    if preflight is not None:
+        errors = [p for p in preflight(str(onnx_path)) if getattr(p, "severity", "error") == "error"]
+        assert not errors, f"{name}: " + "; ".join(map(str, errors))
+
+    # -- converts to CoreML (an ML program; predict needs macOS, so the spec is inspected)
+    import coremltools as ct
+
+    ml_path = tmp_path / f"{name}.mlpackage"
+    to_coreml(model, ml_path, pre, [f"c{i}" for i in range(NUM_CLASSES)])
+    spec = ct.utils.load_spec(str(ml_path))
+    assert spec.WhichOneof("Type") == "mlProgram"
+    assert len(spec.description.output) >= 1
+
+
+def test_gscnn_edges_on_request():
+    model = build("gscnn_resnet").eval()
+    x = torch.randn(1, 3, *SIZE)
+    with torch.no_grad():
+        seg = model(x)
+        seg2, edges = model(x, return_edges=True)
+    assert seg.shape == (1, NUM_CLASSES, *SIZE) and edges.shape == (1, 1, *SIZE)
+    torch.testing.assert_close(seg, seg2)
+    # the label boundaries the edge head learns from: a 2-class step has edges on both sides only
+    t = torch.zeros(1, 4, 6, dtype=torch.long)
+    t[:, :, 3:] = 1
+    t[0, 0, 0] = 255
+    edges, valid = model.edge_target(t)
+    assert edges[0, 0].tolist() == [[0, 0, 1, 1, 0, 0]] * 4 and not valid[0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("depth,os_,expected", [
+    (18, 32, {2: 64, 4: 64, 8: 128, 16: 256, 32: 512}),
+    (18, 16, {2: 64, 4: 64, 8: 128, 16: 512}),
+    (50, 8, {2: 64, 4: 256, 8: 2048}),
+])
+def test_resnet_features_by_stride(depth, os_, expected):
+    from edgeseg.models.resnet import ResNet
+
+    enc = ResNet(depth, output_stride=os_).eval()
+    with torch.no_grad():
+        feats = enc(torch.zeros(1, 3, 64, 64))
+    assert {s: f.shape[1] for s, f in feats.items()} == expected
+    assert all(f.shape[-1] == 64 // s for s, f in feats.items())
+
+
+def test_backbone_weights_load_from_a_local_file(tmp_path):
+    from edgeseg.models.resnet import ResNet
+
+    # a torchvision-style ResNet-18 state_dict (with its classifier, which is not part of the encoder)
+    src = ResNet(18)
+    sd = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in src.state_dict().items()}
+    sd["fc.weight"], sd["fc.bias"] = torch.randn(1000, 512), torch.randn(1000)
+    path = tmp_path / "resnet18.pth"
+    torch.save(sd, path)
+    model = models.create("deeplabv3plus_resnet", num_classes=3, depth=18, backbone_weights=str(path))
+    torch.testing.assert_close(model.backbone.layer3[1].conv2.weight, sd["layer3.1.conv2.weight"])
+    torch.testing.assert_close(model.backbone.conv1.weight, sd["conv1.weight"])
+    with pytest.raises(FileNotFoundError, match="local files only"):
+        models.create("fastfcn_resnet", num_classes=3, depth=18, backbone_weights=str(tmp_path / "missing.pth"))
