@@ -268,6 +268,7 @@ def train_default(out: str | Path = DEFAULT_CHECKPOINT, recipe: dict | None = No
     cm = evaluate(model, *test, len(LABELS))
     figures = {"test": cm.summary(LABELS), "history": history.epochs, "recipe": r, "train_seconds": round(time.time() - t0)}
     models.save_checkpoint(model, out, labels=LABELS, palette=PALETTE, preprocess=pre, extra=figures)
+    Path(out).with_name("labels.txt").write_text("\n".join(LABELS) + "\n")
     print(f"held-out (test split) mIoU {cm.miou():.4f}, pixel accuracy {cm.pixel_accuracy():.4f}; saved {out}")
     return figures
 
