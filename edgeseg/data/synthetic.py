@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 
 LABELS = ["background", "ball", "box", "triangle", "star"]
-# RGB overlay colours per class
-PALETTE = [[0, 0, 0], [230, 60, 40], [40, 110, 240], [40, 200, 80], [240, 40, 220]]
+# RGB overlay colours per class, each far in hue from its objects so overlays stand out
+PALETTE = [[0, 0, 0], [0, 220, 255], [255, 220, 0], [255, 0, 160], [60, 255, 60]]
 # OpenCV hue bands (0..180) per object class
 _HUES = {1: (0, 14), 2: (100, 124), 3: (45, 75), 4: (140, 166)}
 
