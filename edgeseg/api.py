@@ -13,7 +13,8 @@ from edgeseg.bundle import Bundle
 from edgeseg.errors import ConversionError
 
 ONNX_PRECISIONS = ("fp32", "fp16", "int8")
-COREML_PRECISIONS = ("fp16", "fp32", "int8-weights", "palettize8", "palettize6", "palettize4", "w8a8")
+COREML_PRECISIONS = ("fp16", "fp32", "int8-weights", "int4-weights", "palettize8", "palettize6", "palettize4",
+                     "palettize4-grouped", "w8a8")
 
 
 def convert(model, out: str | os.PathLike, *, to: str = "onnx", precision: str = "fp32", calib=None,
@@ -49,7 +50,8 @@ def convert(model, out: str | os.PathLike, *, to: str = "onnx", precision: str =
         coreml_keys = {"output", "minimum_deployment_target", "input_sizes", "compute_units"}
         source_kw = {k: v for k, v in kw.items() if k in ("labels", "preprocess", "input_size", "model_args")}
         src = load_source(model, **source_kw)
-        return convert_to_bundle(src, out, precision=precision, **{k: v for k, v in kw.items() if k in coreml_keys})
+        return convert_to_bundle(src, out, precision=precision, calibration=calib,
+                                 **{k: v for k, v in kw.items() if k in coreml_keys})
     raise ConversionError(f"unknown target {to!r}; choose onnx or coreml (TensorRT engines: `edgeseg build BUNDLE`)")
 
 

@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("coreml")
     c.add_argument("--output", choices=("logits", "probs", "mask"), default="logits", help="CoreML output kind")
     c.add_argument("--deployment-target", default="iOS17", help="minimum deployment target (iOS16, iOS17, iOS18, macOS14 ...)")
+    c.add_argument("--coreml-size", nargs=2, type=int, action="append", metavar=("H", "W"),
+                   help="an extra input size the package accepts (repeatable: enumerated shapes)")
 
 
 def parse_labels(text: str | None) -> list[str] | None:
@@ -72,8 +74,10 @@ def run(args) -> int:
         bundle = convert(args.model, args.out, to="onnx", precision=precision, calib=args.calib,
                          calib_method=args.method, calib_target=args.target, max_miou_drop=args.max_miou_drop, **kw)
     else:
+        if args.coreml_size:
+            kw["input_sizes"] = [tuple(s) for s in args.coreml_size]
         bundle = convert(args.model, args.out, to="coreml", precision=precision, output=args.output,
-                         minimum_deployment_target=args.deployment_target, **kw)
+                         minimum_deployment_target=args.deployment_target, calib=args.calib, **kw)
     print(f"wrote {bundle.path}")
     for art in bundle.manifest.artifacts:
         print("  " + describe_artifact(art))
