@@ -22,7 +22,7 @@ class OnnxRuntimeEngine:
     backend = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, precision: str = "fp32", threads: int | None = None,
-                 providers: list[str] | None = None):
+                 providers: list[str] | None = None, spinning: bool = True):
         import onnxruntime as ort
 
         path = Path(path)
@@ -33,6 +33,8 @@ class OnnxRuntimeEngine:
         if threads:
             so.intra_op_num_threads = int(threads)
         so.log_severity_level = 3
+        if not spinning:  # let pipeline stages beside the engine have the cores between runs
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
         except Exception as e:

@@ -1,0 +1,314 @@
+"""The runtime's front door.
+
+    import edgeseg
+    seg = edgeseg.Segmenter("bundle/")                  # backend="auto": TensorRT > ONNX Runtime
+    result = seg.segment(frame)                         # one BGR frame -> SegmentationResult
+    for result in seg.stream("synthetic://", save="overlay.mp4"):
+        print(result.frame_index, result.timings)
+    seg.run(0, callback=lambda r: ...)                  # callback mode for apps
+    print(seg.stats.format())
+
+Preprocessing is the bundle's `Preprocess.apply` (edgeseg/spec.py), the one definition shared with
+conversion and calibration; an engine that offers `preprocess_on_device(frame)` (a fused GPU
+kernel, tested against that reference) is used instead.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import cv2
+import numpy as np
+
+from edgeseg.bundle import Bundle
+from edgeseg.errors import EdgesegError
+from edgeseg.spec import check_frame
+from runtime.engines.base import open_engine, resolve_backend
+from runtime.pipeline import Pipeline, Work
+from runtime.postprocess import Postprocessor, SegmentationResult
+from runtime.sinks import DisplaySink, ServerSink, Sink, open_sink, parse_host_port
+from runtime.sources import Source, open_source
+from runtime.stats import Stats
+
+log = logging.getLogger("edgeseg.runtime")
+
+STATS_EVERY_S = 2.0  # how often a running stream rewrites stats.json
+SERVER_STATS_EVERY_S = 0.5
+
+
+class Stream:
+    """The iterator `Segmenter.stream()` returns: iterate for results; `close()` (or leaving a
+    `with` block, or breaking out of a for loop) stops the pipeline and closes sinks and source."""
+
+    def __init__(self, gen, source: Source, sinks: list[Sink], own_source: bool):
+        self._gen, self.source, self.sinks, self._own_source = gen, source, sinks, own_source
+        self._started = False
+        self._done = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> SegmentationResult:
+        if self._done:
+            raise StopIteration
+        self._started = True
+        try:
+            return next(self._gen)
+        except BaseException:
+            self._done = True
+            raise
+
+    def close(self) -> None:
+        if self._done and self._started:
+            return
+        self._done = True
+        if self._started:
+            self._gen.close()  # runs the generator's cleanup
+        else:  # never iterated: the generator never ran, release what stream() opened
+            self._gen.close()
+            for s in self.sinks:
+                s.close()
+            if self._own_source:
+                self.source.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Segmenter:
+    """Bundle + engine + postprocessing.
+
+    bundle: a bundle folder or `edgeseg.bundle.Bundle`. backend: auto | onnxruntime | tensorrt |
+    coreml (`auto` picks TensorRT when it and a GPU are present, else ONNX Runtime; `.backend` and
+    `.backend_reason` say which and why). precision: the artifact to use (fp32, fp16, int8...).
+    smoothing / keep / ignore / threshold / scores / fill: see runtime.postprocess.Postprocessor.
+    engine_options go to the engine (ONNX Runtime: threads=, providers=).
+    """
+
+    def __init__(self, bundle, backend: str = "auto", precision: str | None = None, smoothing: float = 0.0,
+                 keep=None, ignore=None, threshold: float | None = None, scores: bool = False, fill: int | None = None,
+                 **engine_options):
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+        m = self.bundle.manifest
+        if m.task != "semantic-segmentation":
+            raise EdgesegError(f"bundle {self.bundle.path} is a {m.task!r} model; Segmenter runs semantic-segmentation bundles")
+        self.backend, self.backend_reason = resolve_backend(backend, self.bundle)
+        log.info("backend %s (%s)", self.backend, self.backend_reason)
+        if self.backend == "onnxruntime":
+            # idle ORT threads spin for work by default, taking the CPU the other stages need
+            engine_options.setdefault("spinning", False)
+        self.engine = open_engine(self.bundle, self.backend, precision, **engine_options)
+        self.precision = getattr(self.engine, "precision", precision)
+        self.preprocess = m.preprocess
+        self.labels, self.palette = list(m.labels), [list(c) for c in m.palette]
+        self._post_options = dict(smoothing=smoothing, keep=keep, ignore=ignore, threshold=threshold, scores=scores, fill=fill)
+        self.postprocessor = Postprocessor.from_manifest(m, **self._post_options)
+        names = [o.name for o in self.engine.outputs]
+        self._output = m.output_name if m.output_name in names else names[0]
+        self._on_device = getattr(self.engine, "preprocess_on_device", None)
+        self._apply = self.preprocess.apply
+        self.stats = Stats()
+        self._stats_info(self.stats)
+        self._index = 0
+
+    # -- the stages -------------------------------------------------------------------------
+    def _preprocess(self, image: np.ndarray):
+        if self._on_device is not None:
+            return self._on_device(image)
+        return self._apply(image)
+
+    def _infer(self, batch) -> np.ndarray:
+        return self.engine.infer(batch)[self._output]
+
+    def _stats_info(self, stats: Stats) -> None:
+        stats.info.update({
+            "bundle": str(self.bundle.path), "model": self.bundle.manifest.model.get("name"),
+            "backend": self.backend, "backend_reason": self.backend_reason, "precision": self.precision,
+            "input_size": list(self.preprocess.size), "output_kind": self.bundle.manifest.output_kind,
+        })
+
+    # -- one frame --------------------------------------------------------------------------
+    def segment(self, frame: np.ndarray) -> SegmentationResult:
+        """Segment one BGR uint8 frame (HxWx3). Smoothing, when on, carries over between calls."""
+        check_frame(frame)
+        t0 = time.perf_counter()
+        x = self._preprocess(frame)
+        t1 = time.perf_counter()
+        out = self._infer(x)
+        t2 = time.perf_counter()
+        result = self.postprocessor(out, frame.shape[:2], frame=frame, frame_index=self._index)
+        self._index += 1
+        result.timings = {"preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3, **result.timings}
+        self.stats.add_timings(result.timings)
+        self.stats.frame_out((time.perf_counter() - t0) * 1e3)
+        return result
+
+    __call__ = segment
+
+    def reset(self) -> None:
+        """Forget the temporal smoothing state (between unrelated clips)."""
+        self.postprocessor.reset()
+
+    # -- streams ----------------------------------------------------------------------------
+    def stream(self, source, show: bool = False, save=None, serve=None, max_frames: int | None = None,
+               stats_path=None, callback: Callable[[SegmentationResult], object] | None = None,
+               alpha: float = 0.5, mode: str = "blend", render: Callable[[SegmentationResult], np.ndarray] | None = None,
+               sinks: list | None = None, cv2_threads: int | None = 1, queue_size: int = 2,
+               **source_options) -> Iterator[SegmentationResult]:
+        """Segment a source (URI, path, camera index or `Source`) with capture, preprocessing,
+        inference and postprocessing overlapping in threads; yields results in order.
+
+        show: a window (display://0). save: a video file, image folder or image path. serve:
+        "HOST:PORT" (or a port) for the browser view. stats_path: stats.json, rewritten every
+        few seconds and at the end. callback(result) runs for each result (return False to stop).
+        render(result) -> BGR image for the sinks (default: result.overlay(alpha=, mode=)).
+        cv2_threads: OpenCV threads while streaming (restored after): the stages already run in
+        parallel, and OpenCV's own pool would only contend with the engine's threads.
+        Live sources drop stale frames (see `.stats`); others process every frame.
+        """
+        opened: list[Sink] = []
+        src = None
+        try:
+            # open everything that can fail before starting threads, so errors come early and clean
+            if show:
+                opened.append(DisplaySink("display://0"))
+            src = source if isinstance(source, Source) else open_source(source, **source_options)
+            if save:
+                opened.append(open_sink(save, fps=src.fps or 30.0))
+            if serve:
+                host, port = parse_host_port(serve)
+                opened.append(ServerSink(host, port, title=f"edgeseg · {self.bundle.manifest.model.get('name') or self.bundle.path.name}"))
+            opened.extend(open_sink(s) for s in (sinks or []))
+        except BaseException:
+            for s in opened:
+                s.close()
+            if src is not None and not isinstance(source, Source):
+                src.close()
+            raise
+        gen = self._stream(src, opened, max_frames, stats_path, callback, alpha, mode, render, cv2_threads, queue_size)
+        return Stream(gen, src, opened, own_source=not isinstance(source, Source))
+
+    def _stream(self, src: Source, sinks: list[Sink], max_frames, stats_path, callback, alpha, mode, render,
+                cv2_threads, queue_size) -> Iterator[SegmentationResult]:
+        stats = Stats()
+        self._stats_info(stats)
+        self.stats = stats
+        post = Postprocessor.from_manifest(self.bundle.manifest, **self._post_options)
+        servers = [s for s in sinks if isinstance(s, ServerSink)]
+        draw = render or (lambda r: r.overlay(alpha=alpha, mode=mode))
+        stats_path = Path(stats_path) if stats_path else None
+
+        def preprocess(w: Work):
+            return self._preprocess(w.frame.image)
+
+        def infer(w: Work):
+            return self._infer(w.data)
+
+        def postprocess(w: Work):
+            r = post(w.data, w.frame.image.shape[:2], frame=w.frame.image, frame_index=w.frame.index, timestamp=w.frame.timestamp)
+            r.timings.pop("postprocess", None)  # the pipeline times the whole stage
+            return r
+
+        old_threads = cv2.getNumThreads()
+        if cv2_threads is not None:
+            cv2.setNumThreads(int(cv2_threads))
+        pipeline = Pipeline(src, preprocess, infer, postprocess, stats=stats, max_frames=max_frames, queue_size=queue_size)
+        for s in servers:
+            s.publish_stats(stats.summary())
+        last_server = last_file = time.perf_counter()
+        try:
+            for work in pipeline:
+                result: SegmentationResult = work.data
+                t0 = time.perf_counter()
+                if sinks:
+                    image = draw(result)
+                    for s in sinks:
+                        s.write(image, result)
+                t1 = time.perf_counter()
+                timings = work.timings
+                timings["sink"] = (t1 - t0) * 1e3
+                latency = (t1 - work.ready) * 1e3
+                timings["queue"] = max(0.0, latency - sum(timings.get(k, 0.0) for k in ("preprocess", "inference", "postprocess", "sink")))
+                result.timings = {k: timings[k] for k in ("capture", "queue", "preprocess", "inference", "postprocess", "sink") if k in timings}
+                stats.add_timings(result.timings)
+                stats.frame_out(latency)
+                if servers and t1 - last_server >= SERVER_STATS_EVERY_S:
+                    last_server = t1
+                    summary = stats.summary()
+                    for s in servers:
+                        s.publish_stats(summary)
+                if stats_path is not None and t1 - last_file >= STATS_EVERY_S:
+                    last_file = t1
+                    stats.save(stats_path)
+                if callback is not None and callback(result) is False:
+                    break
+                yield result
+                if any(s.stopped for s in sinks):
+                    break
+        finally:
+            pipeline.close()
+            errors = []
+            for s in sinks:
+                try:
+                    s.close()
+                except Exception as e:
+                    errors.append(e)
+            if cv2_threads is not None:
+                cv2.setNumThreads(old_threads)
+            if stats_path is not None:
+                stats.save(stats_path)
+            if errors:
+                log.warning("closing sinks: %s", "; ".join(map(str, errors)))
+
+    def run(self, source, callback: Callable[[SegmentationResult], object] | None = None, **options) -> Stats:
+        """Callback mode: stream `source` to the end (or until callback returns False); returns the stats."""
+        for _ in self.stream(source, callback=callback, **options):
+            pass
+        return self.stats
+
+    # -- measuring --------------------------------------------------------------------------
+    def engine_fps(self, frames: int = 100, warmup: int = 10, frame: np.ndarray | None = None) -> float:
+        """Engine-only throughput: `infer` in a loop on one preprocessed frame (no capture,
+        preprocessing or postprocessing), the ceiling a pipeline can approach."""
+        if frame is None:
+            h, w = self.preprocess.size
+            frame = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        x = self._preprocess(check_frame(frame))
+        for _ in range(max(1, warmup)):
+            self._infer(x)
+        t0 = time.perf_counter()
+        for _ in range(frames):
+            self._infer(x)
+        return frames / (time.perf_counter() - t0)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def close(self) -> None:
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __repr__(self) -> str:
+        return (f"Segmenter({str(self.bundle.path)!r}, backend={self.backend!r} ({self.backend_reason}), "
+                f"precision={self.precision!r}, classes={len(self.labels)}, input={self.preprocess.size})")
+
+
+__all__ = ["Segmenter", "SegmentationResult", "Stream"]

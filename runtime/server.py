@@ -1,0 +1,277 @@
+"""The browser view: a small threaded HTTP server (stdlib only).
+
+    GET /             a page with the live overlay and the live per-stage timings
+    GET /stream.mjpg  the overlay as an MJPEG stream (multipart/x-mixed-replace)
+    GET /frame.jpg    the latest frame as one JPEG
+    GET /stats.json   the latest timings (runtime.stats.Stats.summary())
+
+Binds to 127.0.0.1 unless told otherwise: the view shows camera frames, and exposing it on the
+network is a decision the user makes with an explicit host (`--serve 0.0.0.0:8080`).
+
+Publishing is cheap for the pipeline: `publish()` only stores a reference to the newest frame;
+JPEG encoding happens once per frame, on demand, in the first client thread that wants it, and
+not at all while nobody watches.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import cv2
+import numpy as np
+
+from edgeseg.errors import EdgesegError
+
+log = logging.getLogger("edgeseg.runtime")
+
+BOUNDARY = "edgesegframe"
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+ body{font:14px system-ui,sans-serif;margin:0;background:#111;color:#ddd;display:flex;flex-wrap:wrap;gap:16px;padding:16px}
+ #view{max-width:min(100%,1280px);background:#000;border:1px solid #333}
+ table{border-collapse:collapse;min-width:340px} td,th{padding:3px 8px;text-align:right;border-bottom:1px solid #333}
+ td:first-child,th:first-child{text-align:left} h1{font-size:16px;margin:0 0 8px} .muted{color:#888}
+ #fps b{font-size:18px;color:#fff}
+</style></head>
+<body>
+<div><img id="view" src="/stream.mjpg" alt="live overlay"></div>
+<div>
+ <h1>__TITLE__</h1>
+ <p id="fps">pipeline <b id="pipeline-fps">-</b> FPS &middot; engine-only <b id="engine-fps">-</b> FPS</p>
+ <table><thead><tr><th>stage</th><th>p50 ms</th><th>p95 ms</th><th>mean ms</th></tr></thead><tbody id="stages"></tbody></table>
+ <p id="counts" class="muted">-</p>
+ <p class="muted">frames shown here: <span id="frames-seen">0</span></p>
+</div>
+<script>
+"use strict";
+// Count the distinct frames the page actually displays (a checksum of a thumbnail of the image).
+window.edgesegFramesSeen = 0;
+const img = document.getElementById("view");
+const canvas = document.createElement("canvas"); canvas.width = 48; canvas.height = 27;
+const ctx = canvas.getContext("2d", {willReadFrequently: true});
+let last = null;
+function sample() {
+  try {
+    if (img.complete && img.naturalWidth > 0) {
+      ctx.drawImage(img, 0, 0, canvas.width, canvas.height);
+      const d = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+      let h = 0; for (let i = 0; i < d.length; i += 4) h = (h * 31 + d[i] + 7 * d[i + 1] + 13 * d[i + 2]) >>> 0;
+      if (h !== last) { last = h; window.edgesegFramesSeen++; document.getElementById("frames-seen").textContent = window.edgesegFramesSeen; }
+    }
+  } catch (e) {}
+}
+setInterval(sample, 100);
+const fmt = v => (v === null || v === undefined) ? "-" : Number(v).toFixed(2);
+async function refresh() {
+  try {
+    const s = await (await fetch("/stats.json", {cache: "no-store"})).json();
+    window.edgesegStats = s;
+    document.getElementById("pipeline-fps").textContent = s.pipeline_fps == null ? "-" : s.pipeline_fps.toFixed(1);
+    document.getElementById("engine-fps").textContent = s.engine_fps == null ? "-" : s.engine_fps.toFixed(1);
+    const rows = [];
+    for (const [name, st] of Object.entries(s.stages || {})) {
+      if (st.count) rows.push(`<tr><td>${name}</td><td>${fmt(st.p50_ms)}</td><td>${fmt(st.p95_ms)}</td><td>${fmt(st.mean_ms)}</td></tr>`);
+    }
+    if (s.latency && s.latency.count) rows.push(`<tr><td>latency</td><td>${fmt(s.latency.p50_ms)}</td><td>${fmt(s.latency.p95_ms)}</td><td>${fmt(s.latency.mean_ms)}</td></tr>`);
+    document.getElementById("stages").innerHTML = rows.join("");
+    document.getElementById("counts").textContent =
+      `frames ${s.frames_out ?? 0} out / ${s.frames_in ?? 0} in, dropped ${s.dropped ?? 0}, corrupt ${s.corrupt ?? 0}`;
+  } catch (e) {}
+}
+setInterval(refresh, 500); refresh();
+</script>
+</body></html>
+"""
+
+
+class ServerError(EdgesegError, OSError):
+    """The browser view cannot start (port taken, bad address)."""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_version = "edgeseg"
+    timeout = 10  # a stalled client cannot hold a thread forever
+
+    def log_message(self, fmt, *args):
+        log.debug("http %s " + fmt, self.client_address[0], *args)
+
+    def _send(self, status, body: bytes, ctype: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        fs: FrameServer = self.server.frame_server
+        path = self.path.split("?", 1)[0]
+        try:
+            if path in ("/", "/index.html"):
+                self._send(HTTPStatus.OK, fs.page.encode(), "text/html; charset=utf-8")
+            elif path == "/stats.json":
+                self._send(HTTPStatus.OK, json.dumps(fs.stats).encode(), "application/json")
+            elif path == "/frame.jpg":
+                seq, jpeg = fs.jpeg()
+                if jpeg is None:
+                    self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"no frame yet\n", "text/plain")
+                else:
+                    self._send(HTTPStatus.OK, jpeg, "image/jpeg")
+            elif path == "/stream.mjpg":
+                self._stream(fs)
+            else:
+                self._send(HTTPStatus.NOT_FOUND, b"not found: try / , /stream.mjpg, /frame.jpg or /stats.json\n", "text/plain")
+        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout, OSError):
+            pass  # the client went away
+
+    def _stream(self, fs: "FrameServer") -> None:
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={BOUNDARY}")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Pragma", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        seq = -1
+        fs._register(self.connection)
+        try:
+            while not fs.closing:
+                seq, jpeg = fs.wait_frame(seq, timeout=0.25)
+                if jpeg is None:
+                    continue
+                self.wfile.write(
+                    f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n".encode() + jpeg + b"\r\n"
+                )
+                self.wfile.flush()
+        finally:
+            fs._unregister(self.connection)
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = False  # joined in server_close(): no thread left behind
+    block_on_close = True
+    allow_reuse_address = True
+
+
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
+class FrameServer:
+    """MJPEG + stats server. `start()`, then `publish(image)` / `publish_stats(dict)`, `close()`."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8080, quality: int = 80, title: str = "edgeseg live view"):
+        self.host, self.port, self.quality = host, int(port), int(quality)
+        self.page = PAGE.replace("__TITLE__", title)
+        self.stats: dict = {}
+        self.closing = False
+        self._cond = threading.Condition()
+        self._image: np.ndarray | None = None
+        self._seq = 0
+        self._jpeg: tuple[int, bytes | None] = (-1, None)
+        self._encode_lock = threading.Lock()
+        self._conns: set = set()
+        self._httpd: _HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> "FrameServer":
+        try:
+            cls = _HTTPServer6 if ":" in self.host else _HTTPServer
+            self._httpd = cls((self.host, self.port), _Handler)
+        except OSError as e:
+            raise ServerError(f"cannot serve on {self.host}:{self.port}: {e.strerror or e}; pick another port (--serve {self.host}:8081) "
+                              "or stop the program using it") from None
+        self._httpd.frame_server = self
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                                        name="edgeseg-server", daemon=True)
+        self._thread.start()
+        log.info("browser view on %s", self.url)
+        if self.host not in ("127.0.0.1", "localhost", "::1") and not self.host.startswith("127."):
+            log.warning("the browser view on %s is reachable from other machines: it shows the camera", self.url)
+        return self
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def close(self) -> None:
+        if self._httpd is None:
+            return
+        self.closing = True
+        with self._cond:
+            self._cond.notify_all()
+        # unblock handlers stuck writing to slow clients
+        for conn in list(self._conns):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._httpd.shutdown()
+        self._httpd.server_close()  # joins the handler threads
+        if self._thread is not None:
+            self._thread.join(5.0)
+        self._httpd = None
+
+    def __enter__(self):
+        return self.start() if self._httpd is None else self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    # -- publishing -------------------------------------------------------------------------
+    def publish(self, image: np.ndarray) -> None:
+        """Offer a new BGR frame (kept by reference: do not modify it afterwards)."""
+        with self._cond:
+            self._image = image
+            self._seq += 1
+            self._cond.notify_all()
+
+    def publish_stats(self, summary: dict) -> None:
+        self.stats = summary
+
+    @property
+    def clients(self) -> int:
+        return len(self._conns)
+
+    # -- for handlers -----------------------------------------------------------------------
+    def _register(self, conn) -> None:
+        with self._cond:
+            self._conns.add(conn)
+
+    def _unregister(self, conn) -> None:
+        with self._cond:
+            self._conns.discard(conn)
+
+    def jpeg(self) -> tuple[int, bytes | None]:
+        """(sequence number, JPEG bytes) of the newest frame, encoding it once."""
+        with self._cond:
+            seq, image = self._seq, self._image
+        if image is None:
+            return seq, None
+        with self._encode_lock:
+            if self._jpeg[0] != seq:
+                ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
+                self._jpeg = (seq, data.tobytes() if ok else None)
+            return self._jpeg
+
+    def wait_frame(self, after: int, timeout: float) -> tuple[int, bytes | None]:
+        """Wait for a frame newer than `after`; (seq, None) on timeout."""
+        with self._cond:
+            if self._seq == after or self._image is None:
+                self._cond.wait(timeout)
+            if self._seq == after or self._image is None or self.closing:
+                return after, None
+        return self.jpeg()
+
+
+__all__ = ["FrameServer", "ServerError", "PAGE", "BOUNDARY"]
