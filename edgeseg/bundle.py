@@ -209,15 +209,20 @@ class Bundle:
             and (target is None or a.target == target)
         ]
 
-    def select(self, backend: str, precision: str | None = None) -> Artifact:
-        """The artifact for a backend (default precision: the most accurate available)."""
-        found = self.find(backend, precision)
+    def select(self, backend: str, precision: str | None = None, target: str | None = None) -> Artifact:
+        """The artifact for a backend (default precision: the most accurate available).
+
+        Among equals, the one quantized for this backend's hardware wins: ONNX Runtime prefers
+        the `cpu` INT8 graph to the `tensorrt` one, which runs slower on a CPU."""
+        found = self.find(backend, precision, target)
         if not found:
             have = ", ".join(f"{a.backend}/{a.precision}" for a in self.manifest.artifacts) or "none"
             want = f"{backend}/{precision}" if precision else backend
             raise BundleError(f"bundle {self.path} has no {want} artifact (it has: {have})")
         order = ["fp32", "fp16", "int8"]
-        return sorted(found, key=lambda a: order.index(a.precision) if a.precision in order else len(order))[0]
+        preferred = {"onnxruntime": "cpu", "tensorrt": "tensorrt"}.get(backend)
+        return sorted(found, key=lambda a: (order.index(a.precision) if a.precision in order else len(order),
+                                            a.target not in (None, preferred)))[0]
 
     def verify_artifact(self, art: Artifact) -> None:
         if art.sha256 and sha256_file(self.artifact_path(art)) != art.sha256:

@@ -64,6 +64,16 @@ def test_not_a_bundle(tmp_path):
         Bundle.load(tmp_path / "empty")
 
 
+def test_select_prefers_the_graph_quantized_for_the_backend(tmp_path):
+    b = make_bundle(tmp_path / "b")
+    for target in ("tensorrt", "cpu"):
+        (tmp_path / "b" / f"model.int8.{target}.onnx").write_bytes(target.encode())
+        b.add_artifact(Artifact(f"model.int8.{target}.onnx", "onnxruntime", "int8", target=target))
+    assert b.select("onnxruntime", "int8").target == "cpu"
+    assert b.select("onnxruntime", "int8", target="tensorrt").target == "tensorrt"
+    assert b.select("onnxruntime").precision == "fp32"
+
+
 def test_select_names_what_is_there(tmp_path):
     b = make_bundle(tmp_path / "b")
     with pytest.raises(BundleError, match=r"no tensorrt artifact \(it has: onnxruntime/fp32\)"):

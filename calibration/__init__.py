@@ -1,0 +1,345 @@
+"""INT8 that keeps its accuracy: calibration frames -> ranges -> Q/DQ per target -> accuracy before and after.
+
+    from calibration import calibrate_bundle
+    summary = calibrate_bundle("bundle/", "frames/", target="both", eval_data="voc:/data/VOC2012")
+
+adds `model.int8.tensorrt.onnx` and/or `model.int8.cpu.onnx` to the bundle with their measured
+accuracy, `quant_report.json` + `quant_report.png`, and (TensorRT target) `calibration.cache`, the
+legacy TensorRT 8.x/10.x calibration cache for `model.onnx`. Layers that would cost more than the
+accuracy budget stay in float (see `calibration.sensitivity`). Everything is written into a staging
+folder first and moved into place at the end; the manifest is saved last, so a failure leaves the
+bundle as it was.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import parse_qsl
+
+from calibration.data import CalibrationError, CalibrationSet, CalibrationWarning, open_source
+from calibration.quantize import METHODS, PRESETS, TARGETS, Violation, validate_tensorrt_qdq
+
+log = logging.getLogger("edgeseg.calibration")
+
+TRT_CACHE = "calibration.cache"
+
+
+def artifact_name(target: str) -> str:
+    return f"model.int8.{target}.onnx"
+
+
+def calibrate_bundle(bundle_path: str | os.PathLike, data: Any, *, method: str = "entropy", target: str = "both",
+                     max_miou_drop: float = 0.5, eval_data: Any = None, max_images: int = 512,
+                     eval_max_images: int = 200, sensitivity: bool = True, sensitivity_frames: int = 16,
+                     trt_version: str | None = None, num_bins: int | None = None, percentile: float | None = None,
+                     progress: Callable[[str], None] | None = None) -> dict:
+    """Quantize a bundle's FP32 ONNX model to INT8 for `target` ("tensorrt", "cpu" or "both").
+
+    data: calibration frames (image folder, video, dataset spec such as synthetic:train, reader, arrays).
+    eval_data: held-out labelled data for accuracy (default: synthetic:test when calibrating on
+    synthetic data, else the source's frames that calibration did not use, scored against FP32).
+    max_miou_drop: accuracy budget in mIoU points (0.5 = half a percent); layers are kept in float
+    until INT8 meets it. sensitivity: measure every layer's effect even when INT8 meets the budget
+    (for the report). Returns a summary; the bundle gains the artifacts and the report.
+    """
+    from edgeseg.bundle import Artifact, Bundle
+
+    say = progress or (lambda msg: log.info(msg))
+    t_start = time.perf_counter()
+    if method not in METHODS:
+        raise CalibrationError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")
+    targets = list(TARGETS) if target == "both" else [target]
+    if any(t not in TARGETS for t in targets):
+        raise CalibrationError(f"unknown target {target!r}; use tensorrt, cpu or both")
+    try:
+        budget = float(max_miou_drop)
+    except (TypeError, ValueError):
+        raise CalibrationError(f"max_miou_drop must be a number of mIoU points, got {max_miou_drop!r}") from None
+    if not budget >= 0:
+        raise CalibrationError(f"max_miou_drop must be >= 0 mIoU points, got {max_miou_drop}")
+    if trt_version is not None and "tensorrt" in targets:
+        from calibration.cache import trt_version_code
+
+        trt_version_code(trt_version)
+    if eval_data is not None and _same_data(data, eval_data):
+        raise CalibrationError(
+            f"calibration and evaluation both use {data!r}; accuracy must be measured on held-out data: "
+            "evaluate on another split (e.g. --data synthetic:train --eval-data synthetic:test)"
+        )
+
+    bundle = Bundle.load(bundle_path)
+    man = bundle.manifest
+    fp32 = bundle.select("onnxruntime", "fp32")
+    bundle.verify_artifact(fp32)
+    fp32_path = bundle.artifact_path(fp32)
+
+    import onnx
+
+    from calibration.quantize import check_quantizable
+
+    check_quantizable(onnx.load(str(fp32_path), load_external_data=False), where=f"{fp32_path}")
+
+    say(f"reading calibration frames from {data}")
+    calib = CalibrationSet(data, man.preprocess, input_name=man.input_name, max_images=max_images)
+    evalset = _eval_set(calib, data, eval_data, man.preprocess, eval_max_images)
+    if evalset is None:
+        warnings.warn("no held-out evaluation frames: INT8 accuracy is not measured and no layer is kept in float; "
+                      "pass eval_data (--eval-data) with labelled held-out data", CalibrationWarning, stacklevel=2)
+
+    staging = Path(tempfile.mkdtemp(prefix=".calibrate-", dir=bundle.path))
+    try:
+        summary = _calibrate(bundle, fp32, fp32_path, calib, evalset, staging, method=method, targets=targets, budget=budget,
+                             sensitivity=sensitivity, sensitivity_frames=sensitivity_frames, trt_version=trt_version,
+                             num_bins=num_bins, percentile=percentile, say=say)
+        _commit(bundle, staging, summary, Artifact)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    summary["seconds"] = round(time.perf_counter() - t_start, 1)
+    say(f"done in {summary['seconds']} s")
+    return summary
+
+
+def _same_data(a, b) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, (str, os.PathLike)) and isinstance(b, (str, os.PathLike)):
+        na, nb = _normalize_spec(str(a)), _normalize_spec(str(b))
+        return na == nb
+    return False
+
+
+def _normalize_spec(s: str) -> str:
+    s = s.strip()
+    if s.lower().startswith("synthetic"):
+        rest = s[len("synthetic"):].lstrip(":")
+        split, _, query = rest.partition("?")
+        opts = {k: v for k, v in parse_qsl(query) if k != "n"}
+        return f"synthetic:{split or '?'}:{sorted(opts.items())}"
+    p = Path(s).expanduser()
+    return str(p.resolve()) if p.exists() else s
+
+
+def _eval_set(calib: CalibrationSet, data, eval_data, pre, eval_max_images):
+    from calibration.evaluate import load_eval_set
+
+    if eval_data is not None:
+        ev = load_eval_set(eval_data, pre, max_images=eval_max_images, exclude_hashes=calib.hashes)
+        if ev.source_key and ev.source_key == calib.source.key:
+            raise CalibrationError(f"evaluation data {eval_data!r} is the calibration source ({calib.description}); "
+                                   "use a held-out split or other footage")
+        return ev
+    if isinstance(data, str) and data.strip().lower().startswith("synthetic"):
+        split, opts = _synthetic_split(data)
+        held_out = "val" if split == "test" else "test"
+        query = "&".join(f"{k}={v}" for k, v in opts.items() if k != "n")
+        return load_eval_set(f"synthetic:{held_out}{'?' + query if query else ''}", pre, max_images=eval_max_images,
+                             exclude_hashes=calib.hashes)
+    spec = calib.source.spec
+    if calib.source.kind == "dataset" and isinstance(spec, str) and calib.source.labelled:
+        # a dataset with splits: its validation split is the held-out data
+        try:
+            ev = load_eval_set(spec, pre, max_images=eval_max_images, split="val", exclude_hashes=calib.hashes)
+            if ev.source_key != calib.source.key:
+                return ev
+        except CalibrationError as e:
+            log.info("no validation split in %s (%s); evaluating on unused frames", spec, e)
+    unused = calib.unused_indices()
+    if unused:
+        return load_eval_set(calib.source, pre, indices=unused, max_images=eval_max_images, exclude_hashes=calib.hashes)
+    return None
+
+
+def _synthetic_split(spec: str):
+    rest = spec.strip()[len("synthetic"):].lstrip(":")
+    split, _, query = rest.partition("?")
+    return split or "train", dict(parse_qsl(query))
+
+
+def _calibrate(bundle, fp32, fp32_path: Path, calib, evalset, staging: Path, *, method, targets, budget, sensitivity,
+               sensitivity_frames, trt_version, num_bins, percentile, say) -> dict:
+    import functools
+
+    import onnx
+
+    from calibration.cache import scales_from_ranges, write_trt_cache
+    from calibration.quantize import compute_ranges, ensure_opset, opset_of, preset, quantized_nodes
+    from calibration.report import REPORT_JSON, REPORT_PNG, write_json, write_png
+    from calibration.sensitivity import Evaluator, MixedPrecisionResult, layer_sensitivity, search_mixed_precision
+    from converters.parity import check_parity
+
+    man = bundle.manifest
+    pre = man.preprocess
+    work = staging / "work"
+    work.mkdir()
+    model_path = ensure_opset(fp32_path, work / "fp32.opset13.onnx")
+    op_types = {n.name: n.op_type for n in onnx.load(str(model_path), load_external_data=False).graph.node}
+    ranges_path = work / "ranges.json"
+    t0 = time.perf_counter()
+    say(f"computing {method} ranges over {len(calib)} frames")
+    ranges = compute_ranges(model_path, calib, method, ranges_path, num_bins=num_bins, percentile=percentile, workdir=work)
+    calib_seconds = time.perf_counter() - t0
+    evaluator = None
+    if evalset is not None:
+        say(f"scoring FP32 on {len(evalset)} held-out frames ({evalset.description})")
+        evaluator = Evaluator(evalset, pre, man.labels, man.output_kind, fp32_path, sensitivity_frames)
+
+    report = {
+        "bundle": str(bundle.path), "method": method, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "calibration": {"data": calib.description, "frames": len(calib), "first_frames": calib.names[:5],
+                        "seconds": round(calib_seconds, 1)},
+        "evaluation": ({"data": evalset.description, "frames": len(evalset), "labelled": evalset.labelled,
+                        "sensitivity_frames": len(evaluator.sens_set), "dropped_calibration_overlap": evalset.dropped_overlap,
+                        "note": "held out from calibration; the mixed-precision search is scored on these frames too"}
+                       if evalset is not None else {"data": None, "frames": 0, "labelled": False}),
+        "metric": evaluator.metric if evaluator else None,
+        "fp32": evaluator.reference if evaluator else None,
+        "targets": {},
+        "artifacts": [],
+    }
+    artifacts = []
+    for t in targets:
+        p = preset(t)
+        out = staging / artifact_name(t)
+        quantize = functools.partial(_quantize_to, model_path, ranges_path, method, t)
+        say(f"{t}: quantizing ({p.description})")
+        quantize(out)
+        qnodes = quantized_nodes(out)
+        if not qnodes:
+            raise CalibrationError(f"ONNX Runtime found no layer of {fp32_path} to quantize for {t}; "
+                                   "the model has no INT8-capable layers: deploy it in FP32/FP16")
+        entry: dict[str, Any] = {"artifact": artifact_name(t), "preset": p.to_dict(), "quantized_layers": len(qnodes),
+                                 "budget_points": budget}
+        result: MixedPrecisionResult | None = None
+        if evaluator is not None:
+            full = evaluator.measure(out)
+            say(f"{t}: all layers INT8: mIoU {full['miou']:.4f} vs FP32 {evaluator.reference['miou']:.4f} "
+                f"(drop {full['miou_drop_points']:.2f} pts, budget {budget:.2f})")
+            needs_search = full["miou_drop_points"] > budget
+            sens = []
+            if sensitivity or needs_search:
+                say(f"{t}: measuring the sensitivity of {len(qnodes)} quantized layers")
+                sens = layer_sensitivity(evaluator, quantize, qnodes, op_types, work, progress=say)
+            result = search_mixed_precision(evaluator, quantize, sens, full, budget, work, t, progress=say)
+            if result.float_layers:
+                quantize(out, nodes_to_exclude=result.float_layer_names)
+                result.final = evaluator.measure(out)  # the shipped file's own figures
+                result.within_budget = result.final["miou_drop_points"] <= budget + 1e-9
+            entry.update(result.to_dict())
+            entry["float_layers_names"] = result.float_layer_names
+            say(f"{t}: {len(result.float_layers)} layer(s) kept in float -> mIoU {result.final['miou']:.4f} "
+                f"(drop {result.final['miou_drop_points']:.2f} pts){'' if result.within_budget else ' — OVER BUDGET'}")
+        violations: list[Violation] = []
+        if t == "tensorrt":
+            violations = validate_tensorrt_qdq(out)
+            if violations:
+                raise CalibrationError("the TensorRT Q/DQ graph breaks TensorRT's rules (a quantizer change?):\n  "
+                                       + "\n  ".join(str(v) for v in violations[:10]))
+            entry["validator"] = "passed"
+        parity = check_parity(fp32_path, out, pre, frames=8, output_kind=man.output_kind)
+        entry["parity_vs_fp32"] = parity
+        metrics = _artifact_metrics(evaluator, result, calib, budget)
+        info = {"method": method, "preset": p.to_dict(), "opset": opset_of(out), "quantized_layers": len(qnodes),
+                "calibration_frames": len(calib), "calibration_data": calib.description, "source": fp32.path}
+        if t == "tensorrt":
+            info["trt_calibration_cache"] = TRT_CACHE
+        artifacts.append({"name": artifact_name(t), "target": t, "parity": parity, "metrics": metrics, "info": info})
+        report["targets"][t] = entry
+
+    files = [a["name"] for a in artifacts]
+    if "tensorrt" in targets:
+        cache_info = write_trt_cache(staging / TRT_CACHE, scales_from_ranges(ranges), trt_version)
+        cache_info.update(path=TRT_CACHE, applies_to=fp32.path,
+                          note="legacy implicit INT8 (TensorRT 8.x/10.x): trtexec --onnx=model.onnx --int8 --calib=calibration.cache")
+        report["trt_calibration_cache"] = cache_info
+        files.append(TRT_CACHE)
+    report["artifacts"] = files[:]
+    write_json(report, staging / REPORT_JSON)
+    write_png(report, staging / REPORT_PNG)
+    files += [REPORT_JSON, REPORT_PNG]
+    return {
+        "bundle": str(bundle.path), "method": method, "budget_points": budget, "files": files, "artifacts": artifacts,
+        "report": REPORT_JSON, "report_png": REPORT_PNG, "calibration": report["calibration"], "evaluation": report["evaluation"],
+        "fp32": report["fp32"], "trt_calibration_cache": report.get("trt_calibration_cache"),
+        "targets": {t: _target_summary(e) for t, e in report["targets"].items()},
+    }
+
+
+def _quantize_to(model_path, ranges_path, method, target, out, nodes_to_exclude=(), nodes_to_quantize=None):
+    from calibration.quantize import quantize_model
+
+    return quantize_model(model_path, out, ranges_path, method, target, nodes_to_exclude=nodes_to_exclude,
+                          nodes_to_quantize=nodes_to_quantize)
+
+
+def _artifact_metrics(evaluator, result, calib, budget) -> dict:
+    m: dict[str, Any] = {"calibration_frames": len(calib), "max_miou_drop_points": budget}
+    if evaluator is None or result is None:
+        m.update(accuracy_measured=False, float_layers=[])
+        return m
+    ref, final, full = evaluator.reference, result.final, result.full_int8
+    m.update(
+        accuracy_measured=True, metric=evaluator.metric, eval_data=evaluator.evalset.description,
+        eval_frames=len(evaluator.evalset),
+        miou_fp32=ref["miou"], miou_int8=final["miou"], miou_drop_points=final["miou_drop_points"],
+        miou_all_layers_int8=full["miou"], miou_drop_points_all_layers_int8=full["miou_drop_points"],
+        pixel_accuracy_fp32=ref["pixel_accuracy"], pixel_accuracy_int8=final["pixel_accuracy"],
+        per_class_iou_fp32=ref["per_class_iou"], per_class_iou_int8=final["per_class_iou"],
+        agreement_with_fp32=final["agreement_with_fp32"], float_layers=result.float_layer_names,
+        within_budget=result.within_budget,
+    )
+    return m
+
+
+def _target_summary(e: dict) -> dict:
+    full, final = e.get("full_int8") or {}, e.get("final") or {}
+    return {
+        "artifact": e["artifact"], "quantized_layers": e["quantized_layers"], "float_layers": e.get("float_layers_names", []),
+        "miou_fp32": (e.get("reference") or {}).get("miou"), "miou_all_int8": full.get("miou"),
+        "drop_points_all_int8": full.get("miou_drop_points"), "miou_int8": final.get("miou"),
+        "drop_points": final.get("miou_drop_points"), "agreement_with_fp32": final.get("agreement_with_fp32"),
+        "within_budget": e.get("within_budget"), "validator": e.get("validator"),
+        "parity_mask_agreement": (e.get("parity_vs_fp32") or {}).get("mask_agreement"),
+    }
+
+
+def _commit(bundle, staging: Path, summary: dict, Artifact) -> None:
+    """Move the staged files into the bundle (each atomically), then record them and save the manifest."""
+    from edgeseg.bundle import atomic_path
+
+    for name in summary["files"]:
+        with atomic_path(bundle.path / name) as tmp:
+            os.replace(staging / name, tmp)
+    for a in summary["artifacts"]:
+        bundle.add_artifact(Artifact(a["name"], "onnxruntime", "int8", parity=a["parity"], metrics=a["metrics"],
+                                     target=a["target"], info=a["info"]))
+    previous = bundle.manifest.metrics.get("quantization") or {}
+    targets = dict(previous.get("targets") or {})  # targets calibrated earlier keep their entry
+    targets.update({t: {k: s[k] for k in ("artifact", "within_budget", "drop_points", "float_layers")}
+                    for t, s in summary["targets"].items()})
+    bundle.manifest.metrics["quantization"] = {
+        "method": summary["method"], "report": summary["report"], "report_png": summary["report_png"],
+        "budget_points": summary["budget_points"],
+        "trt_calibration_cache": TRT_CACHE if summary.get("trt_calibration_cache") else previous.get("trt_calibration_cache"),
+        "targets": targets,
+    }
+    bundle.save()
+
+
+def __getattr__(name):
+    # heavier parts load on first use
+    if name in ("evaluate_bundle", "evaluate_checkpoint", "format_table", "load_eval_set"):
+        from calibration import evaluate
+
+        return getattr(evaluate, name)
+    raise AttributeError(f"module 'calibration' has no attribute {name!r}")
+
+
+__all__ = ["calibrate_bundle", "CalibrationSet", "CalibrationError", "CalibrationWarning", "open_source", "Violation",
+           "validate_tensorrt_qdq", "PRESETS", "METHODS", "TARGETS", "artifact_name", "evaluate_bundle",
+           "evaluate_checkpoint", "format_table", "load_eval_set"]

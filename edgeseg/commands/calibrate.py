@@ -1,0 +1,72 @@
+"""edgeseg calibrate BUNDLE --data D [--method entropy] [--target tensorrt|cpu|both] [--max-miou-drop 0.5] [--eval-data D2]"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", help="bundle folder with an FP32 ONNX model (from `edgeseg convert`)")
+    p.add_argument("--data", required=True,
+                   help="calibration frames: image folder, video file, or dataset spec (synthetic:train, voc:/path ...)")
+    p.add_argument("--method", choices=("minmax", "percentile", "entropy"), default="entropy", help="range method (default entropy)")
+    p.add_argument("--target", choices=("tensorrt", "cpu", "both"), default="both",
+                   help="tensorrt: symmetric int8 Q/DQ for TensorRT; cpu: uint8/int8 Q/DQ for ONNX Runtime on x86 (default both)")
+    p.add_argument("--max-miou-drop", type=float, default=0.5, metavar="POINTS",
+                   help="accuracy budget in mIoU points; layers stay in float until INT8 meets it (default 0.5)")
+    p.add_argument("--eval-data", help="held-out labelled data (default: synthetic:test for synthetic calibration data, "
+                                       "else the unused frames of --data scored against FP32)")
+    p.add_argument("--max-images", type=int, default=512, help="calibration frames to use (default 512)")
+    p.add_argument("--eval-max-images", type=int, default=200, help="evaluation frames to use (default 200)")
+    p.add_argument("--no-sensitivity", action="store_true",
+                   help="skip the per-layer analysis when INT8 already meets the budget (faster; the report has no layer chart)")
+    p.add_argument("--sensitivity-frames", type=int, default=16, help="frames for the per-layer analysis (default 16)")
+    p.add_argument("--trt-version", help="TensorRT version the legacy calibration cache is for (default: installed, else 10.3.0)")
+
+
+def run(args) -> int:
+    import warnings
+
+    from calibration import CalibrationWarning, calibrate_bundle
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", CalibrationWarning)
+        warnings.showwarning = show  # restored by catch_warnings
+        summary = calibrate_bundle(
+            args.bundle, args.data, method=args.method, target=args.target, max_miou_drop=args.max_miou_drop,
+            eval_data=args.eval_data, max_images=args.max_images, eval_max_images=args.eval_max_images,
+            sensitivity=not args.no_sensitivity, sensitivity_frames=args.sensitivity_frames, trt_version=args.trt_version,
+            progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True),
+        )
+    print(format_summary(summary))
+    over = [t for t, s in summary["targets"].items() if s.get("within_budget") is False]
+    return 1 if over else 0
+
+
+def format_summary(s: dict) -> str:
+    ev = s["evaluation"]
+    lines = [f"{s['bundle']}: {s['method']} ranges from {s['calibration']['frames']} frames of {s['calibration']['data']}"]
+    if ev.get("data"):
+        what = "mIoU" if ev.get("labelled") else "mIoU against FP32 masks (no labels)"
+        lines.append(f"evaluated on {ev['frames']} held-out frames of {ev['data']} ({what}); budget {s['budget_points']:.2f} pts")
+    else:
+        lines.append("accuracy not measured (no held-out frames); pass --eval-data")
+    head = f"{'target':<9} {'artifact':<26} {'FP32':>7} {'all INT8':>9} {'final':>7} {'drop pts':>8} {'agree':>7} {'float layers':>12}  budget"
+    lines += [head, "-" * len(head)]
+    for t, r in s["targets"].items():
+        f = lambda v, spec=".4f": "-" if v is None else format(v, spec)  # noqa: E731
+        ok = {True: "ok", False: "MISSED", None: "-"}[r.get("within_budget")]
+        lines.append(f"{t:<9} {r['artifact']:<26} {f(r['miou_fp32']):>7} {f(r['miou_all_int8']):>9} {f(r['miou_int8']):>7} "
+                     f"{f(r['drop_points'], '.2f'):>8} {f(r['agreement_with_fp32']):>7} {len(r['float_layers']):>12}  {ok}")
+        for name in r["float_layers"]:
+            lines.append(f"{'':<9} float: {name}")
+        if r.get("validator"):
+            lines.append(f"{'':<9} TensorRT Q/DQ rules: {r['validator']}")
+    if s.get("trt_calibration_cache"):
+        c = s["trt_calibration_cache"]
+        lines.append(f"legacy TensorRT cache: {c['path']} ({c['header']}, {c['tensors']} tensors) for {c['applies_to']}")
+    lines.append(f"report: {s['report']}, {s['report_png']}")
+    return "\n".join(lines)

@@ -1,0 +1,38 @@
+"""edgeseg eval BUNDLE_OR_CHECKPOINT --data D [--json out.json]"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from edgeseg.errors import EdgesegError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a bundle folder (every artifact ONNX Runtime runs here) or a checkpoint (.pt, torch)")
+    p.add_argument("--data", required=True,
+                   help="held-out labelled data: synthetic:test?n=200, voc:/path, cityscapes:/path, a folder with images/ and masks/ ...")
+    p.add_argument("--max-images", type=int, default=200, help="frames to evaluate, spread over the data (default 200; 0 = all)")
+    p.add_argument("--split", help="split for specs that name none (default: test for synthetic, else val)")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+
+
+def run(args) -> int:
+    from calibration.evaluate import evaluate_bundle, evaluate_checkpoint, format_table
+
+    path = Path(args.model)
+    limit = args.max_images or None
+    if path.is_dir():
+        result = evaluate_bundle(path, args.data, max_images=limit, split=args.split)
+    elif path.is_file():
+        result = evaluate_checkpoint(path, args.data, max_images=limit, split=args.split)
+    else:
+        raise EdgesegError(f"{path} is neither a bundle folder nor a checkpoint file")
+    print(format_table(result))
+    if args.json:
+        from calibration.report import json_safe
+        from edgeseg.bundle import write_text_atomic
+
+        write_text_atomic(args.json, json.dumps(json_safe(result), indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
