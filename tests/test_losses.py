@@ -33,13 +33,7 @@ TA = tgt(1, 1, 0, 0)
 CE_A = [-L(0.9), -L(0.6), -L(0.8), -L(0.5)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # one thread: on a loaded 2-core machine, thread hand-offs cost more than these tiny ops
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def close(value, expected, tol=1e-6):

@@ -26,13 +26,7 @@ NUM_CLASSES = 3
 SIZE = (64, 64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # one thread: on a loaded 2-core machine, thread hand-offs cost more than these small convolutions
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def build(name):

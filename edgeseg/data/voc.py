@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeseg.bundle import default_palette
 from edgeseg.data.base import DatasetError, SegmentationDataset, colors_to_ids, read_mask_raw, require_dir
 
 LABELS = [
@@ -24,18 +25,9 @@ LABELS = [
 
 
 def voc_colormap(n: int = 256) -> list[list[int]]:
-    """The VOC palette: the bits of the class id spread over the high bits of R, G and B."""
-    cmap = []
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        cmap.append([r, g, b])
-    return cmap
+    """The VOC palette: the bits of the class id spread over the high bits of R, G and B (the
+    bundle's default palette is this same table)."""
+    return default_palette(n)
 
 
 _CMAP = voc_colormap()
