@@ -43,6 +43,21 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+class EngineIO:
+    """`inputs` and `outputs` of an engine, from the `_inputs` / `_outputs` it reads when it loads."""
+
+    _inputs: list[TensorInfo]
+    _outputs: list[TensorInfo]
+
+    @property
+    def inputs(self) -> list[TensorInfo]:
+        return self._inputs
+
+    @property
+    def outputs(self) -> list[TensorInfo]:
+        return self._outputs
+
+
 def tensorrt_available() -> tuple[bool, str]:
     """(usable, reason): TensorRT bindings, pycuda and a CUDA device all present."""
     for mod in ("tensorrt", "pycuda"):

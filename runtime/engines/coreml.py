@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeseg.spec import Preprocess
-from runtime.engines.base import EngineError, TensorInfo
+from runtime.engines.base import EngineError, EngineIO, TensorInfo
 
 log = logging.getLogger("edgeseg.runtime")
 
@@ -73,7 +73,7 @@ def batch_to_images(batch: np.ndarray, pre: Preprocess) -> np.ndarray:
     return np.ascontiguousarray(np.clip(np.rint(img), 0, 255).astype(np.uint8))
 
 
-class CoreMLEngine:
+class CoreMLEngine(EngineIO):
     backend = "coreml"
     wants = "image"
 
@@ -126,14 +126,6 @@ class CoreMLEngine:
             color=info.get("color") or None, precision=art.precision,
             compute_units=compute_units or info.get("compute_units", "all"),
         )
-
-    @property
-    def inputs(self) -> list[TensorInfo]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorInfo]:
-        return self._outputs
 
     def _predict(self, image: np.ndarray) -> np.ndarray:
         """One image (H, W, 3) uint8 in the preprocessing's colour order -> the output array."""

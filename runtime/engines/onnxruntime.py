@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.engines.base import EngineError, TensorInfo
+from runtime.engines.base import EngineError, EngineIO, TensorInfo
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -18,7 +18,7 @@ _ORT_TYPES = {
 }
 
 
-class OnnxRuntimeEngine:
+class OnnxRuntimeEngine(EngineIO):
     backend = "onnxruntime"
 
     def __init__(self, path: str | os.PathLike, precision: str = "fp32", threads: int | None = None,
@@ -48,14 +48,6 @@ class OnnxRuntimeEngine:
         art = bundle.select("onnxruntime", precision)
         bundle.verify_artifact(art)
         return cls(bundle.artifact_path(art), precision=art.precision, **options)
-
-    @property
-    def inputs(self) -> list[TensorInfo]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorInfo]:
-        return self._outputs
 
     def infer(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         inp = self._inputs[0]

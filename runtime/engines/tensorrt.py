@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from runtime.engines.base import EngineError, TensorInfo
+from runtime.engines.base import EngineError, EngineIO, TensorInfo
 
 log = logging.getLogger("edgeseg.runtime")
 
@@ -185,7 +185,7 @@ def _make_logger(trt):
     return Logger()
 
 
-class TensorRTEngine:
+class TensorRTEngine(EngineIO):
     """A deserialized TensorRT engine. `infer` takes and returns host arrays; `infer_device` takes
     device pointers (e.g. the CUDA preprocessing output) and leaves outputs on the GPU."""
 
@@ -301,14 +301,6 @@ class TensorRTEngine:
         if not inputs or not outputs:
             raise EngineError(f"engine {self.path} has {len(inputs)} inputs and {len(outputs)} outputs")
         return inputs, outputs
-
-    @property
-    def inputs(self) -> list[TensorInfo]:
-        return self._inputs
-
-    @property
-    def outputs(self) -> list[TensorInfo]:
-        return self._outputs
 
     def profile_shapes(self, name: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None:
         """(min, opt, max) of a dynamic input in profile 0, None for static inputs."""
