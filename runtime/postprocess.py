@@ -86,6 +86,8 @@ class Upsampler:
         self.row_count = np.searchsorted(self.y0, np.arange(h), "right") - self.row_start
         self.col_start = np.searchsorted(self.x0, np.arange(w), "left")
         self.col_count = np.searchsorted(self.x0, np.arange(w), "right") - self.col_start
+        # the few grid shapes cells have (e.g. 2x5 and 3x5 from 256 to 720p), known up front
+        self.cell_shapes = [(int(r), int(c)) for r in np.unique(self.row_count) if r for c in np.unique(self.col_count) if c]
         # when enlarging, OpenCV's nearest neighbour picks y0 or y0 + 1 (same for x): a pixel of
         # the same cell, so it is exact wherever the cell is uniform
         self.enlarging = H >= h and W >= w
@@ -125,12 +127,10 @@ class Upsampler:
         h, w = self.src_hw
         flat = scores.reshape(C, -1) if scores.flags.c_contiguous else np.ascontiguousarray(scores).reshape(C, -1)
         nr, nc = self.row_count[ci], self.col_count[cj]
-        shapes = nr * 1024 + nc
-        for shape in np.unique(shapes):
-            rows, cols = int(shape) // 1024, int(shape) % 1024
-            if rows == 0 or cols == 0:
+        for rows, cols in self.cell_shapes:
+            sel = np.nonzero((nr == rows) & (nc == cols))[0]
+            if not sel.size:
                 continue
-            sel = np.nonzero(shapes == shape)[0]
             i, j = ci[sel], cj[sel]
             i1, j1 = np.minimum(i + 1, h - 1), np.minimum(j + 1, w - 1)
             corners = flat[:, np.concatenate([i * w + j, i * w + j1, i1 * w + j, i1 * w + j1])]
