@@ -10,6 +10,11 @@ by bounded queues; the consumer (the caller's thread) runs the sinks and the app
 * OpenCV, NumPy and the engines release the GIL in their heavy calls, so the stages really run
   in parallel; the engine is the one stage that should never wait, and every other stage has
   to fit in the CPU time the engine leaves idle.
+* So the other stages run at a lower OS priority (`stage_nice`, Linux, where priority is per
+  thread): a CPU engine splits each operator over its threads and waits for the slowest, so a
+  decode or resize that preempts one engine thread stalls them all. Lowered, those stages run
+  in the gaps the engine leaves instead. A live source's capture keeps its priority (the newest
+  frame must be taken when it arrives); the engine thread and the consumer keep the caller's.
 * Shutdown (end of stream, an error in any stage, Ctrl-C or the consumer stopping early) sets
   one event; every blocking wait polls it, the source is interrupted, and all threads are joined
   with timeouts, so none is left behind. The first error is re-raised in the consumer.
@@ -17,12 +22,15 @@ by bounded queues; the consumer (the caller's thread) runs the sinks and the app
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from edgeseg.errors import EdgesegError
 from runtime.sources import Frame, Source
 from runtime.stats import Stats
 
@@ -30,6 +38,29 @@ log = logging.getLogger("edgeseg.runtime")
 
 _END = object()
 _POLL = 0.05  # seconds between checks of the stop event in blocking waits
+STAGE_NICE = 19  # how much lower the non-engine stages run (benchmarks/pipeline_efficiency.py)
+
+
+class PipelineError(EdgesegError, ValueError):
+    """A pipeline option that cannot be used."""
+
+
+def check_stage_nice(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or not 0 <= value <= 19:
+        raise PipelineError(f"stage_nice must be 0..19 (how much lower than the engine the other stages run; 0: the same), got {value!r}")
+    return int(value)
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Raise the calling thread's nice value by `nice` (capped at 19). A no-op where threads have
+    no priority of their own (not Linux) or where the OS refuses."""
+    if nice <= 0 or not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + int(nice)))
+    except OSError as e:  # e.g. a seccomp profile that forbids it: run at the same priority
+        log.debug("cannot lower the priority of %s: %s", threading.current_thread().name, e)
 
 
 @dataclass
@@ -120,8 +151,9 @@ class Pipeline:
 
     def __init__(self, source: Source, preprocess: Callable, infer: Callable, postprocess: Callable,
                  stats: Stats | None = None, max_frames: int | None = None, queue_size: int = 2,
-                 join_timeout: float = 5.0):
+                 join_timeout: float = 5.0, stage_nice: int = STAGE_NICE):
         self.source = source
+        self.stage_nice = check_stage_nice(stage_nice)
         self.stats = stats if stats is not None else Stats()
         self.max_frames = None if max_frames is None or max_frames <= 0 else int(max_frames)
         self.live = bool(source.live)
@@ -149,6 +181,7 @@ class Pipeline:
         if not self._started:
             self._started = True
             self.stats.info.setdefault("source", self.source.describe())
+            self.stats.info.setdefault("stage_nice", self.stage_nice)
             for t in self._threads:
                 t.start()
         return self
@@ -206,6 +239,8 @@ class Pipeline:
     def _capture(self) -> None:
         n = 0
         try:
+            if not self.live:
+                lower_thread_priority(self.stage_nice)
             while not self._stop.is_set():
                 if not self.live and self.max_frames is not None and n >= self.max_frames:
                     break
@@ -230,6 +265,8 @@ class Pipeline:
         # frame processed is the newest one, not one that waited behind a busy engine.
         pull_late = self.live and inbox is self._frames
         try:
+            if name != "inference":
+                lower_thread_priority(self.stage_nice)
             while True:
                 if pull_late and not outbox.wait_space(self._stop):
                     break
@@ -265,4 +302,4 @@ class Pipeline:
             raise self._error
 
 
-__all__ = ["Pipeline", "Work", "LatestSlot", "BoundedQueue"]
+__all__ = ["Pipeline", "Work", "LatestSlot", "BoundedQueue", "PipelineError", "STAGE_NICE", "check_stage_nice", "lower_thread_priority"]

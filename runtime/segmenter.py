@@ -26,7 +26,7 @@ from edgeseg.bundle import Bundle
 from edgeseg.errors import EdgesegError
 from edgeseg.spec import check_frame
 from runtime.engines.base import open_engine, resolve_backend
-from runtime.pipeline import Pipeline, Work
+from runtime.pipeline import STAGE_NICE, Pipeline, Work, check_stage_nice
 from runtime.postprocess import Postprocessor, SegmentationResult
 from runtime.sinks import DisplaySink, ServerSink, Sink, open_sink, parse_host_port
 from runtime.sources import Source, open_source
@@ -166,7 +166,7 @@ class Segmenter:
                stats_path=None, callback: Callable[[SegmentationResult], object] | None = None,
                alpha: float = 0.5, mode: str = "blend", render: Callable[[SegmentationResult], np.ndarray] | None = None,
                sinks: list | None = None, cv2_threads: int | None = 1, queue_size: int = 2,
-               **source_options) -> Iterator[SegmentationResult]:
+               stage_nice: int = STAGE_NICE, **source_options) -> Iterator[SegmentationResult]:
         """Segment a source (URI, path, camera index or `Source`) with capture, preprocessing,
         inference and postprocessing overlapping in threads; yields results in order.
 
@@ -176,8 +176,11 @@ class Segmenter:
         render(result) -> BGR image for the sinks (default: result.overlay(alpha=, mode=)).
         cv2_threads: OpenCV threads while streaming (restored after): the stages already run in
         parallel, and OpenCV's own pool would only contend with the engine's threads.
+        stage_nice: how much lower than the engine the other stages run (0: same priority; see
+        runtime.pipeline).
         Live sources drop stale frames (see `.stats`); others process every frame.
         """
+        pipeline_options = dict(queue_size=queue_size, stage_nice=check_stage_nice(stage_nice))
         opened: list[Sink] = []
         src = None
         try:
@@ -197,11 +200,11 @@ class Segmenter:
             if src is not None and not isinstance(source, Source):
                 src.close()
             raise
-        gen = self._stream(src, opened, max_frames, stats_path, callback, alpha, mode, render, cv2_threads, queue_size)
+        gen = self._stream(src, opened, max_frames, stats_path, callback, alpha, mode, render, cv2_threads, pipeline_options)
         return Stream(gen, src, opened, own_source=not isinstance(source, Source))
 
     def _stream(self, src: Source, sinks: list[Sink], max_frames, stats_path, callback, alpha, mode, render,
-                cv2_threads, queue_size) -> Iterator[SegmentationResult]:
+                cv2_threads, pipeline_options: dict) -> Iterator[SegmentationResult]:
         stats = Stats()
         self._stats_info(stats)
         self.stats = stats
@@ -224,7 +227,7 @@ class Segmenter:
         old_threads = cv2.getNumThreads()
         if cv2_threads is not None:
             cv2.setNumThreads(int(cv2_threads))
-        pipeline = Pipeline(src, preprocess, infer, postprocess, stats=stats, max_frames=max_frames, queue_size=queue_size)
+        pipeline = Pipeline(src, preprocess, infer, postprocess, stats=stats, max_frames=max_frames, **pipeline_options)
         for s in servers:
             s.publish_stats(stats.summary())
         last_server = last_file = time.perf_counter()

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import threading
 import time
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 from edgeseg.errors import SourceError
-from runtime.pipeline import Pipeline
+from runtime.pipeline import Pipeline, PipelineError
 from runtime.sources import Source, open_source, write_synthetic_clip
 from runtime.stats import STAGES, Stats
 
@@ -138,6 +140,58 @@ def test_keyboard_interrupt_in_the_consumer_shuts_down(baseline):
             if i == 2:
                 raise KeyboardInterrupt
     assert _wait_threads(baseline) == baseline
+
+
+def _priority() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+class _PrioritySource(Source):
+    """Records the priority of the thread that reads it."""
+
+    uri = "priority://"
+
+    def __init__(self, live: bool):
+        super().__init__()
+        self.live, self.seen = live, []
+
+    def read(self):
+        if self.frames_read >= 4:
+            return None
+        self.seen.append(_priority())
+        return self._frame(np.zeros((8, 8, 3), np.uint8))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads have priorities of their own only on Linux")
+@pytest.mark.parametrize("live", [False, True])
+def test_stages_beside_the_engine_run_at_a_lower_priority(baseline, live):
+    base = _priority()
+    for nice in (5, 0):
+        seen = {}
+
+        def record(stage):
+            def fn(work):
+                seen.setdefault(stage, _priority())
+                return _identity(work)
+            return fn
+
+        src, stats = _PrioritySource(live), Stats()
+        list(Pipeline(src, record("preprocess"), record("inference"), record("postprocess"), stats=stats, stage_nice=nice))
+        assert stats.info["stage_nice"] == nice  # kept in stats.json
+        lowered = min(19, base + nice)
+        assert seen == {"preprocess": lowered, "inference": base, "postprocess": lowered}
+        # a live source's capture keeps the caller's priority: the newest frame is taken when it arrives
+        assert set(src.seen) == {base if live else lowered}
+        assert _priority() == base  # the consumer (this thread) is left alone
+    assert _wait_threads(baseline) == baseline
+
+
+@pytest.mark.parametrize("nice", [-1, 20, 2.5, "low"])
+def test_stage_nice_out_of_range_is_a_clear_error(nice, segmenter):
+    with pytest.raises(PipelineError, match="stage_nice must be 0..19"):
+        _pipeline(_PrioritySource(live=False), stage_nice=nice)
+    with pytest.raises(PipelineError, match="stage_nice must be 0..19"):  # before anything is opened
+        segmenter.stream("synthetic://?frames=2&width=32&height=32", stage_nice=nice)
 
 
 # -- through the Segmenter --------------------------------------------------------------------

@@ -129,12 +129,14 @@ def test_run_command_user_errors(default_bundle, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["run", str(default_bundle.path), "--source", "synthetic://?frames=2", "--serve", "localhost:http"]) == 2
     assert "HOST:PORT" in capsys.readouterr().err
+    assert main(["run", str(default_bundle.path), "--source", "synthetic://?frames=2", "--stage-nice", "25"]) == 2
+    assert "stage_nice must be 0..19" in capsys.readouterr().err
 
 
 def test_bench_command(default_bundle, capsys):
     from edgeseg.cli import main
 
-    assert main(["bench", str(default_bundle.path), "--frames", "10"]) == 0
+    assert main(["bench", str(default_bundle.path), "--frames", "10", "--stage-nice", "0"]) == 0
     out = capsys.readouterr().out
     assert "engine-only" in out and "pipeline" in out and "ratio" in out
 

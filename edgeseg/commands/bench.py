@@ -17,6 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "coreml"))
     p.add_argument("--precision", help="artifact precision (default: the most accurate)")
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: the engine's choice)")
+    p.add_argument("--stage-nice", type=int, default=None, metavar="N",
+                   help="how much lower than the engine capture, preprocessing and postprocessing run, 0..19 "
+                        "(default 19: the engine is never preempted by them; 0 where other programs need the CPU too)")
     p.add_argument("--stats-json", metavar="PATH", help="also write the pipeline's timings as JSON")
 
 
@@ -33,7 +36,8 @@ def run(args) -> int:
         if source is None:
             source = str(write_synthetic_clip(Path(tmp) / "clip720p.mp4", frames=frames + 10, size=(720, 1280)))
         engine = seg.engine_fps(frames)
-        for _ in seg.stream(source, max_frames=frames, stats_path=args.stats_json):
+        options = {} if args.stage_nice is None else {"stage_nice": args.stage_nice}
+        for _ in seg.stream(source, max_frames=frames, stats_path=args.stats_json, **options):
             pass
     s = seg.stats.summary()
     print(seg.stats.format())
