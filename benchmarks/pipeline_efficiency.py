@@ -3,18 +3,23 @@
 For the default model and for a 512x512 LR-ASPP MobileNetV3 (21 classes), on a 1280x720 clip
 rendered from the synthetic scene generator into a temporary mp4:
 
-* engine-only FPS: `infer` in a loop on one preprocessed frame, no capture, no pre/post;
+* engine-only FPS: `infer` in a loop on one preprocessed frame, no capture, no pre/post; the
+  best of ONNX Runtime's default threading and the pipeline's engine configuration, so the
+  ratio is never flattered by a slow reference;
 * our pipeline: `Segmenter.stream(clip)`, every frame decoded, preprocessed, inferred and turned
-  into a class map at frame size (capture, preprocess, infer, postprocess overlapping in threads);
+  into a class map at frame size (capture, preprocess, infer, postprocess overlapping in threads),
+  and the same with every stage at the engine's priority (`stage_nice=0`);
 * a plain OpenCV + ONNX Runtime loop doing the same work one step after the other
   (read, Preprocess.apply, session.run, bilinear upsampling of the logits, argmax), and the
   cheaper loop many hand-written apps use (argmax at model resolution, nearest upsampling:
   blocky edges, so not the same output);
+* the CPU ceiling: each stage's CPU time per frame measured alone (decode, preprocess, engine in
+  the pipeline's configuration, postprocess); at those costs this machine's cores fit at most
+  cores / (their sum) frames per second, and never more than that engine alone. When the engine
+  alone keeps every core busy, this is what stands between any pipeline and engine-only FPS.
 
-each as short bursts repeated `--rounds` times, interleaved, so that other work on the machine
-slows them alike; FPS are medians over rounds, ratios the median of the per-round ratios. The
-engine-only figure is the best of ONNX Runtime's default threading and the pipeline's engine
-configuration, so the ratio is never flattered by a slow reference.
+Shared machines drift, so every timed burst sits between two engine-only bursts and is divided
+by their mean; rounds repeat the whole sequence and medians are reported.
 
     python benchmarks/pipeline_efficiency.py [--frames 80] [--rounds 5] [--skip-mobile] [--threads N]
 
@@ -36,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+
+SPIN_SETTLE_S = 0.25
 
 
 def plain_loop(bundle, clip: str, frames: int, same_output: bool, warmup: int = 5) -> float:
@@ -70,58 +77,131 @@ def plain_loop(bundle, clip: str, frames: int, same_output: bool, warmup: int = 
     return (n - warmup) / (time.perf_counter() - t0)
 
 
-def engine_only_default(bundle, frame: np.ndarray, frames: int) -> float:
-    """ONNX Runtime with its default threading, on one preprocessed frame."""
-    import onnxruntime as ort
+class EngineDefault:
+    """ONNX Runtime with its default threading (spinning workers), on one preprocessed frame."""
 
-    sess = ort.InferenceSession(str(bundle.artifact_path(bundle.select("onnxruntime"))), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    x = bundle.manifest.preprocess.apply(frame)
-    for _ in range(10):
-        sess.run(None, {name: x})
-    t0 = time.perf_counter()
-    for _ in range(frames):
-        sess.run(None, {name: x})
-    return frames / (time.perf_counter() - t0)
+    def __init__(self, bundle, frame: np.ndarray):
+        import onnxruntime as ort
+
+        self.sess = ort.InferenceSession(str(bundle.artifact_path(bundle.select("onnxruntime"))), providers=["CPUExecutionProvider"])
+        self.feed = {self.sess.get_inputs()[0].name: bundle.manifest.preprocess.apply(frame)}
+
+    def fps(self, frames: int) -> float:
+        for _ in range(3):
+            self.sess.run(None, self.feed)
+        t0 = time.perf_counter()
+        for _ in range(frames):
+            self.sess.run(None, self.feed)
+        fps = frames / (time.perf_counter() - t0)
+        # its workers spin for ~60 ms after the last run: let them stop before the next burst
+        time.sleep(SPIN_SETTLE_S)
+        return fps
+
+
+def cpu_ms_per_item(fn, items) -> float:
+    """Process CPU time (every thread, so engine and decoder pools count) per call, after a warm-up."""
+    for it in items[:3]:
+        fn(it)
+    c0 = time.process_time()
+    for it in items:
+        fn(it)
+    return (time.process_time() - c0) / len(items) * 1000.0
+
+
+class CpuCeiling:
+    """Each stage's CPU per frame measured alone, and the FPS that work fits on this machine's
+    cores at best: cores / (decode + preprocess + engine + postprocess)."""
+
+    def __init__(self, seg, clip: str, frames: int):
+        from runtime.postprocess import Postprocessor
+
+        self.seg, self.clip, self.n = seg, clip, max(20, frames // 2)
+        self.post = Postprocessor.from_manifest(seg.bundle.manifest)
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        self.rounds: list[dict] = []
+
+    def fps(self) -> float:
+        from runtime.sources import open_source
+
+        with open_source(self.clip) as src:
+            c0 = time.process_time()
+            images = [src.read().image for _ in range(self.n)]
+            decode = (time.process_time() - c0) / self.n * 1000.0
+        pre, infer = self.seg.preprocess.apply, self.seg._infer
+        inputs = [pre(f) for f in images]
+        outputs = [infer(x) for x in inputs]
+        hw = images[0].shape[:2]
+        ms = {"decode": decode, "preprocess": cpu_ms_per_item(pre, images), "engine": cpu_ms_per_item(infer, inputs),
+              "postprocess": cpu_ms_per_item(lambda o: self.post(o, hw), outputs)}
+        self.rounds.append(ms)
+        return self.cores * 1000.0 / sum(ms.values())
+
+    def summary(self) -> dict:
+        return {"cores": self.cores, "cpu_ms_per_frame": {k: round(statistics.median(r[k] for r in self.rounds), 2) for k in self.rounds[0]}}
 
 
 def measure(name: str, bundle, clip: str, frames: int, rounds: int, engine_options: dict) -> dict:
-    """Short interleaved bursts of each measurement, so a machine shared with other work slows
-    them alike; ratios are computed per round and their median reported."""
+    """Rounds of: engine, ours, engine, ours at equal priority, engine, plain, engine, plain*,
+    engine, ceiling, engine. Each burst's ratio is to the mean of the engine bursts either side
+    of it (or to the pipeline-configured engine of that round, when faster)."""
     from runtime.segmenter import Segmenter
 
     seg = Segmenter(bundle, **engine_options)
     cap = cv2.VideoCapture(clip)
     frame = cap.read()[1]
     cap.release()
-    keys = ("engine_default", "engine_pipeline_config", "pipeline", "plain_same", "plain_cheap")
-    rows: dict[str, list[float]] = {k: [] for k in keys}
-    ratios: dict[str, list[float]] = {k: [] for k in ("pipeline", "plain_same", "plain_cheap")}
+    engine = EngineDefault(bundle, frame)
+    ceiling = CpuCeiling(seg, clip, frames)
+
+    def ours(stage_nice=None):
+        def run():
+            options = {} if stage_nice is None else {"stage_nice": stage_nice}
+            for _ in seg.stream(clip, max_frames=frames, **options):
+                pass
+            return seg.stats.pipeline_fps
+        return run
+
+    bursts = {
+        "pipeline": ours(),
+        "pipeline_equal_priority": ours(stage_nice=0),
+        "plain_same": lambda: plain_loop(bundle, clip, frames, same_output=True),
+        "plain_cheap": lambda: plain_loop(bundle, clip, frames, same_output=False),
+        "cpu_ceiling": ceiling.fps,
+    }
+    fps: dict[str, list[float]] = {k: [] for k in ("engine_default", "engine_pipeline_config", *bursts)}
+    ratios: dict[str, list[float]] = {k: [] for k in bursts}
     splits = []
     for r in range(rounds):
-        rows["engine_default"].append(engine_only_default(bundle, frame, frames))
-        rows["engine_pipeline_config"].append(seg.engine_fps(frames, frame=frame))
-        for _ in seg.stream(clip, max_frames=frames):
-            pass
-        rows["pipeline"].append(seg.stats.pipeline_fps)
-        splits.append(seg.stats.summary()["stages"])
-        rows["plain_same"].append(plain_loop(bundle, clip, frames, same_output=True))
-        rows["plain_cheap"].append(plain_loop(bundle, clip, frames, same_output=False))
-        engine = max(rows["engine_default"][-1], rows["engine_pipeline_config"][-1])
-        for k in ratios:
-            ratios[k].append(rows[k][-1] / engine)
-        print(f"  [{name}] round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rows.items())
-              + f"; pipeline/engine {ratios['pipeline'][-1]:.2f}", flush=True)
-    med = {k: statistics.median(v) for k, v in rows.items()}
+        fps["engine_pipeline_config"].append(seg.engine_fps(frames, frame=frame))
+        before = engine.fps(frames)
+        fps["engine_default"].append(before)
+        for key, run in bursts.items():
+            fps[key].append(run())
+            if key == "pipeline":
+                splits.append(seg.stats.summary()["stages"])
+            after = engine.fps(frames)
+            fps["engine_default"].append(after)
+            reference = max((before + after) / 2, fps["engine_pipeline_config"][-1])
+            measured = fps[key][-1]
+            if key == "cpu_ceiling":  # the pipeline's engine alone bounds it too
+                measured = min(measured, fps["engine_pipeline_config"][-1])
+            ratios[key].append(measured / reference)
+            before = after
+        print(f"  [{name}] round {r + 1}: engine {fps['engine_default'][-1]:.1f} (pipeline config "
+              f"{fps['engine_pipeline_config'][-1]:.1f}); " + ", ".join(f"{k} {fps[k][-1]:.1f} ({ratios[k][-1]:.2f})" for k in bursts),
+              flush=True)
+    seg.close()
+    med = {k: statistics.median(v) for k, v in fps.items()}
     return {
         "model": name, "input": list(bundle.manifest.preprocess.size), "classes": bundle.manifest.num_classes,
         "backend": seg.backend, "engine_options": engine_options or "defaults",
         "fps": {k: round(v, 2) for k, v in med.items()},
         "engine_only_fps": round(max(med["engine_default"], med["engine_pipeline_config"]), 2),
         "ratio": {k: round(statistics.median(v), 3) for k, v in ratios.items()},
+        "cpu_ceiling": ceiling.summary(),
         "pipeline_stage_ms_p50": {k: round(statistics.median(s[k]["p50_ms"] for s in splits), 2)
                                   for k in splits[-1] if splits[-1][k]["p50_ms"] is not None},
-        "rounds": rows,
+        "rounds": fps, "round_ratios": ratios,
     }
 
 
@@ -135,7 +215,7 @@ def load_average() -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", type=int, default=80, help="frames per burst (default 80)")
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported (default 5)")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds; medians are reported (default 5)")
     ap.add_argument("--skip-mobile", action="store_true", help="only the default model")
     ap.add_argument("--threads", type=int, default=None, help="engine threads for the pipeline (default: the Segmenter's default)")
     ap.add_argument("--json", help="also write the results here")
@@ -165,17 +245,24 @@ def main(argv=None) -> int:
             bundle = make(tmp / f"bundle{i}")
             results.append(measure(name, bundle, clip, args.frames, args.rounds, engine_options))
 
-    print(f"\n1280x720 mp4 clip, {args.frames} frames per burst, median of {args.rounds} interleaved rounds, "
-          f"load average {load_average()}")
-    print(f"{'model':<58} {'engine':>8} {'pipeline':>9} {'plain':>8} {'plain*':>8}   {'ours/eng':>8} {'plain/eng':>9} {'plain*/eng':>10}")
+    print(f"\n1280x720 mp4 clip, {args.frames} frames per burst, median of {args.rounds} rounds, load average {load_average()}")
+    print(f"{'model':<58} {'engine':>7} {'ours':>7} {'ours=':>7} {'plain':>7} {'plain*':>7}   "
+          f"{'ours/eng':>8} {'ours=/eng':>9} {'plain/eng':>9} {'plain*/eng':>10} {'ceiling':>8}")
     for r in results:
         f, q = r["fps"], r["ratio"]
-        print(f"{r['model']:<58} {r['engine_only_fps']:>8.1f} {f['pipeline']:>9.1f} {f['plain_same']:>8.1f} {f['plain_cheap']:>8.1f}"
-              f"   {q['pipeline']:>8.2f} {q['plain_same']:>9.2f} {q['plain_cheap']:>10.2f}")
+        print(f"{r['model']:<58} {r['engine_only_fps']:>7.1f} {f['pipeline']:>7.1f} {f['pipeline_equal_priority']:>7.1f} "
+              f"{f['plain_same']:>7.1f} {f['plain_cheap']:>7.1f}   {q['pipeline']:>8.2f} {q['pipeline_equal_priority']:>9.2f} "
+              f"{q['plain_same']:>9.2f} {q['plain_cheap']:>10.2f} {q['cpu_ceiling']:>8.2f}")
     print("engine: best of ONNX Runtime defaults and the pipeline's engine configuration "
           "(" + "; ".join(f"{r['fps']['engine_default']:.1f} / {r['fps']['engine_pipeline_config']:.1f}" for r in results) + ")")
+    print("ours: Segmenter.stream; ours=: the same with every stage at the engine's priority (stage_nice=0)")
     print("plain: read + Preprocess.apply + run + bilinear logits + argmax, in sequence (the same class map as ours)")
     print("plain*: argmax at model resolution + nearest upsampling (cheaper, blocky edges)")
+    for r in results:
+        c = r["cpu_ceiling"]
+        print(f"ceiling, {r['model']}: CPU ms per frame, each stage alone: " + ", ".join(f"{k} {v}" for k, v in c["cpu_ms_per_frame"].items())
+              + f"; {c['cores']} cores fit at most cores / their sum, nor more than the pipeline's engine alone: "
+              f"{r['ratio']['cpu_ceiling']:.2f} of engine-only")
     for r in results:
         print(f"pipeline p50 ms per stage, {r['model']}: " + ", ".join(f"{k} {v}" for k, v in r["pipeline_stage_ms_p50"].items() if v is not None))
     if args.json:
