@@ -69,3 +69,18 @@ def test_reference_is_float_bilinear_not_fixed_point(rng):
     got = pre.apply(frame)[0].transpose(1, 2, 0)
     want = cv2.resize(frame.astype(np.float32), (29, 19), interpolation=cv2.INTER_LINEAR)
     np.testing.assert_allclose(got, want, atol=1e-3)
+
+
+@pytest.mark.parametrize("resize", ["stretch", "letterbox"])
+@pytest.mark.parametrize("color", ["rgb", "bgr"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_planar_apply_is_resize_then_normalize_bit_for_bit(rng, resize, color, dtype):
+    """The NCHW float path writes plane by plane; it must stay the same float32 operations as
+    resize_image -> transpose -> normalize, to the last bit (calibration and training use those)."""
+    pre = Preprocess(size=(40, 56), resize=resize, color=color, dtype=dtype, pad_value=114, mean=(0.1, 0.5, 0.9), std=(0.3, 0.2, 0.1))
+    for hw in ((72, 128), (37, 53), (90, 40)):
+        frame = rng.integers(0, 256, (*hw, 3), dtype=np.uint8)
+        want = pre.normalize(pre.resize_image(frame).transpose(2, 0, 1), channel_axis=0)[None].astype(dtype)
+        got = pre.apply(frame)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
