@@ -138,10 +138,12 @@ class Preprocess:
             return np.clip(np.rint(img), 0, 255).astype(np.uint8)
         shape = [1] * img.ndim
         shape[channel_axis] = 3
-        scale = np.float32(1.0 / 255.0)
-        mean = np.asarray(self.mean, np.float32).reshape(shape)
-        inv_std = (1.0 / np.asarray(self.std, np.float32)).astype(np.float32).reshape(shape)
-        return (img * scale - mean) * inv_std
+        scale, mean, inv_std = self._normalization()
+        return (img * scale - mean.reshape(shape)) * inv_std.reshape(shape)
+
+    def _normalization(self) -> tuple[np.float32, np.ndarray, np.ndarray]:
+        """float32 scale, mean and 1/std of `(x * scale - mean) * inv_std`, shared by both paths."""
+        return np.float32(1.0 / 255.0), np.asarray(self.mean, np.float32), (1.0 / np.asarray(self.std, np.float32)).astype(np.float32)
 
     def apply(self, frame_bgr: np.ndarray) -> np.ndarray:
         """BGR uint8 frame -> network input batch of one, (1, 3, H, W) or (1, H, W, 3)."""
@@ -165,9 +167,7 @@ class Preprocess:
         H, W = self.size
         box = self.letterbox(frame_bgr.shape[:2])
         resized = cv2.resize(frame_bgr.astype(np.float32), (box.width, box.height), interpolation=cv2.INTER_LINEAR)
-        scale = np.float32(1.0 / 255.0)
-        mean = np.asarray(self.mean, np.float32)
-        inv_std = (1.0 / np.asarray(self.std, np.float32)).astype(np.float32)
+        scale, mean, inv_std = self._normalization()
         padded = (box.height, box.width) != (H, W)
         out = np.empty((1, 3, H, W), np.float32)
         for c, src in enumerate((2, 1, 0) if self.color == "rgb" else (0, 1, 2)):
