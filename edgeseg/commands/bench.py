@@ -9,6 +9,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from edgeseg.commands.run import add_stage_nice_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle folder")
@@ -17,9 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "coreml"))
     p.add_argument("--precision", help="artifact precision (default: the most accurate)")
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: the engine's choice)")
-    p.add_argument("--stage-nice", type=int, default=None, metavar="N",
-                   help="how much lower than the engine capture, preprocessing and postprocessing run, 0..19 "
-                        "(default 19: the engine is never preempted by them; 0 where other programs need the CPU too)")
+    add_stage_nice_argument(p)
     p.add_argument("--stats-json", metavar="PATH", help="also write the pipeline's timings as JSON")
 
 

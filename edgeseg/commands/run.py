@@ -28,11 +28,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="blend", choices=("blend", "fill", "contour"), help="overlay style")
     p.add_argument("--loop", action="store_true", help="repeat a file or folder source (handy with --serve)")
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: the engine's choice)")
+    add_stage_nice_argument(p)
+    p.add_argument("--stats", action="store_true", help="print per-stage timings at the end")
+    p.add_argument("--stats-json", metavar="PATH", help="write timings as JSON (rewritten every few seconds)")
+
+
+def add_stage_nice_argument(p: argparse.ArgumentParser) -> None:
+    """--stage-nice, shared with `edgeseg bench`; None leaves the pipeline's default."""
     p.add_argument("--stage-nice", type=int, default=None, metavar="N",
                    help="how much lower than the engine capture, preprocessing and postprocessing run, 0..19 "
                         "(default 19: the engine is never preempted by them; 0 where other programs need the CPU too)")
-    p.add_argument("--stats", action="store_true", help="print per-stage timings at the end")
-    p.add_argument("--stats-json", metavar="PATH", help="write timings as JSON (rewritten every few seconds)")
 
 
 def _labels(values):
@@ -48,11 +53,11 @@ def run(args) -> int:
     seg = Segmenter(args.bundle, backend=args.backend, precision=args.precision, smoothing=args.smoothing,
                     keep=_labels(args.keep), ignore=_labels(args.ignore), threshold=args.threshold, **options)
     print(f"backend {seg.backend} ({seg.backend_reason}), precision {seg.precision}", file=sys.stderr, flush=True)
-    options = {"loop": True} if args.loop else {}  # a source option
+    stream_options = {"loop": True} if args.loop else {}
     if args.stage_nice is not None:
-        options["stage_nice"] = args.stage_nice
+        stream_options["stage_nice"] = args.stage_nice
     stream = seg.stream(args.source, show=args.show, save=args.out, serve=args.serve, max_frames=args.frames,
-                        stats_path=args.stats_json, alpha=args.alpha, mode=args.mode, **options)
+                        stats_path=args.stats_json, alpha=args.alpha, mode=args.mode, **stream_options)
     if args.serve:
         server = next(s for s in stream.sinks if hasattr(s, "server")).server
         print(f"browser view: {server.url}  (Ctrl-C to stop)", file=sys.stderr, flush=True)
