@@ -1,6 +1,6 @@
 """Core ML engine (macOS only): runs a bundle's .mlpackage with the Core ML framework.
 
-The package takes an image (see converters/coreml.py): raw 0..255 pixels at the model size, with
+The package takes an image (see converters/coreml/): raw 0..255 pixels at the model size, with
 the normalisation inside the graph. Two ways in:
 
 - `infer_image(frame_bgr)`: the frame already resized to the model input size (H x W x 3 uint8
