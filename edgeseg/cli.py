@@ -1,13 +1,21 @@
-"""The `edgeseg` command. Each subcommand lives in `edgeseg/commands/<name>.py` with
-`add_arguments(parser)` and `run(args) -> int`; modules load only when their command runs, so
-`edgeseg run` never imports torch."""
+"""The `edgeseg` command (also `python -m edgeseg`). Each subcommand lives in
+`edgeseg/commands/<name>.py` with `add_arguments(parser)` and `run(args) -> int`; modules load
+only when their command runs, so `edgeseg run` never imports torch.
+
+What reaches the terminal besides results is set up here, once: progress bars on stderr when it
+is a terminal (`--quiet` or `--json` turn them off), our warnings as one line each, and other
+libraries' chatter (their warnings, log lines, OpenCV's `[ WARN ]`) only with `--verbose`.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
+import os
 import sys
+import warnings
 
+from edgeseg import progress
 from edgeseg.errors import USER_ERRORS
 
 COMMANDS = {
@@ -32,12 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="edgeseg", description="Edge deployment SDK for image segmentation.")
     parser.add_argument("--version", action="version", version=f"edgeseg {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    add_output_options(parser, default=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, helptext in COMMANDS.items():
         p = sub.add_parser(name, help=helptext, description=helptext)
         p.set_defaults(_module=f"edgeseg.commands.{name}")
+        add_output_options(p)
     return parser
+
+
+def add_output_options(p: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    """-q/-v, accepted before and after the command (`edgeseg -v run ...`, `edgeseg run ... -v`)."""
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="log more, with other libraries' warnings and messages (OpenCV, ONNX Runtime, coremltools, torch)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,17 +68,82 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_console(verbose=args.verbose, quiet=args.quiet or getattr(args, "json", None) is True)
     try:
-        return int(module.run(args) or 0)
+        status = int(module.run(args) or 0)
+        sys.stdout.flush()  # inside the try: a reader that left shows here, not at interpreter exit
+        return status
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`edgeseg inspect b | head`): stop quietly, as a C tool killed by SIGPIPE
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not fail again
+        return 141
     except Exception as e:
         if _is_user_error(e) and not args.verbose:
             print(f"edgeseg {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise
+
+
+OUR_PACKAGES = ("edgeseg", "converters", "calibration", "runtime")
+_ROOTS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), p) + os.sep for p in OUR_PACKAGES)
+
+
+def _ours(filename: str, module: str) -> bool:
+    """A warning raised in, or of a category defined in, this project's packages."""
+    return module.split(".")[0] in OUR_PACKAGES or os.path.abspath(filename).startswith(_ROOTS)
+
+
+class _ConsoleHandler(logging.Handler):
+    """Log records as one line each through the progress stream (so bars stay intact). Without
+    --verbose: our warnings and errors, and only errors from other libraries."""
+
+    def __init__(self, verbose: bool):
+        super().__init__(logging.INFO if verbose else logging.WARNING)
+        self.verbose = verbose
+
+    def emit(self, record: logging.LogRecord) -> None:
+        ours = record.name.split(".")[0] == "edgeseg"
+        if not (ours or self.verbose or record.levelno >= logging.ERROR):
+            return
+        try:
+            text = record.getMessage()
+            if record.exc_info and self.verbose:
+                text += "\n" + logging.Formatter().formatException(record.exc_info)
+            prefix = record.levelname.lower() if ours else f"{record.levelname.lower()} ({record.name})"
+            progress.write(f"{prefix}: {text}")
+        except Exception:
+            self.handleError(record)
+
+
+def setup_console(verbose: bool = False, quiet: bool = False) -> None:
+    """Progress bars, log lines and warnings for a command-line run (see the module docstring)."""
+    progress.configure(enabled=False if quiet else None, third_party=verbose)
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if isinstance(h, _ConsoleHandler)]:
+        root.removeHandler(h)
+    root.addHandler(_ConsoleHandler(verbose))
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        logging.getLogger("torch").setLevel(logging.ERROR)  # torch installs a handler of its own there
+        # OpenCV's and FFmpeg's C++ logging (read when cv2 / a capture first starts); our own
+        # errors say what went wrong and what to do
+        os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+        if "cv2" in sys.modules:
+            cv2 = sys.modules["cv2"]
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if _ours(filename, category.__module__):
+            progress.write(f"warning: {message}")
+        elif verbose:
+            progress.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip())
+
+    warnings.showwarning = show
 
 
 def _is_user_error(e: Exception) -> bool:

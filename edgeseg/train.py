@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 
 from edgeseg.errors import EdgesegError
 from edgeseg.metrics import ConfusionMatrix
+from edgeseg.progress import Bar, bar
 from edgeseg.spec import Preprocess
 
 ASSETS = Path(__file__).parent / "assets"
@@ -193,17 +193,18 @@ def fit(model, train, val, *, num_classes: int, epochs: int, batch_size: int = 8
     for epoch in range(start_epoch, epochs):
         model.train()
         t0, total = time.time(), 0.0
-        for s, (xb, yb) in enumerate(_batches(train, batch_size, steps_per_epoch, crop, gen, seed, epoch, num_workers)):
-            loss = _step_loss(model, xb, yb, loss_fn, ignore_index)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {s}; lower the learning rate")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item()
-            if progress:
-                _bar(epoch, epochs, s + 1, steps_per_epoch, total / (s + 1), time.time() - t0)
+        with (bar(f"epoch {epoch + 1}/{epochs}", total=steps_per_epoch, unit="batches") if progress else Bar()) as steps:
+            for s, (xb, yb) in enumerate(_batches(train, batch_size, steps_per_epoch, crop, gen, seed, epoch, num_workers)):
+                loss = _step_loss(model, xb, yb, loss_fn, ignore_index)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {s}; lower the learning rate")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item()
+                steps.note(f"loss {total / (s + 1):.4f}")
+                steps.update()
         record = {"epoch": epoch + 1, "train_loss": total / steps_per_epoch, "seconds": round(time.time() - t0, 1)}
         if val is not None:
             if _is_tensors(val):
@@ -215,7 +216,7 @@ def fit(model, train, val, *, num_classes: int, epochs: int, batch_size: int = 8
         history.epochs.append(record)
         if progress:
             extra = f" val mIoU {record['val_miou']:.4f}" if "val_miou" in record else ""
-            print(f"\r epoch {epoch + 1}/{epochs} loss {record['train_loss']:.4f}{extra} ({record['seconds']} s)" + " " * 20, flush=True)
+            print(f"epoch {epoch + 1}/{epochs} loss {record['train_loss']:.4f}{extra} ({record['seconds']} s)", flush=True)
         if on_epoch:
             on_epoch({**record, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": list(history.epochs)})
     return history
@@ -237,14 +238,6 @@ def _batches(train, batch_size, steps, crop, gen, seed, epoch, num_workers):
     loader = torch.utils.data.DataLoader(train, batch_size=batch_size, sampler=order[: steps * batch_size].tolist(),
                                          num_workers=num_workers)
     yield from loader
-
-
-def _bar(epoch, epochs, step, steps, loss, secs):
-    width = 24
-    done = int(width * step / steps)
-    eta = secs / step * (steps - step)
-    sys.stdout.write(f"\r epoch {epoch + 1}/{epochs} [{'#' * done}{'.' * (width - done)}] {step}/{steps} loss {loss:.4f} eta {eta:4.0f}s")
-    sys.stdout.flush()
 
 
 def train_default(out: str | Path = DEFAULT_CHECKPOINT, recipe: dict | None = None, progress: bool = True) -> dict:

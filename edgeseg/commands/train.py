@@ -35,7 +35,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-augment", dest="augment", action="store_false", default=None,
                    help="no flips, scale or colour jitter")
     p.add_argument("--workers", type=int, default=0, help="data loading processes (default 0: in the main process)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def parse_model_args(items: list[str]) -> dict:
