@@ -23,7 +23,8 @@ from edgeseg.spec import Preprocess
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-OUTPUT_KINDS = ("logits", "probs", "mask")
+OUTPUT_KINDS = ("logits", "probs", "mask", "instances")
+TASKS = ("semantic-segmentation", "instance-segmentation")
 BACKENDS = ("onnxruntime", "tensorrt", "coreml")
 
 
@@ -108,12 +109,14 @@ class Manifest:
     preprocess: Preprocess
     input_name: str = "input"
     output_name: str = "logits"
-    output_kind: str = "logits"  # logits | probs | mask
+    output_kind: str = "logits"  # logits | probs | mask | instances
     input_shape: list[Any] = field(default_factory=list)  # ints, or strings for dynamic axes
     output_shape: list[Any] = field(default_factory=list)
     artifacts: list[Artifact] = field(default_factory=list)
-    task: str = "semantic-segmentation"
+    task: str = "semantic-segmentation"  # | instance-segmentation
     model: dict[str, Any] = field(default_factory=dict)  # name, architecture, source sha256 ...
+    # instance-segmentation: the outputs' layout (edgeseg.instance_layout.InstanceLayout as a dict)
+    instances: dict[str, Any] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     edgeseg_version: str = ""
     created: str = ""
@@ -126,6 +129,23 @@ class Manifest:
             raise BundleError(f"palette has {len(self.palette)} colours for {len(self.labels)} labels")
         if self.output_kind not in OUTPUT_KINDS:
             raise BundleError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
+        if self.task not in TASKS:
+            raise BundleError(f"task must be one of {TASKS}, got {self.task!r}")
+        if (self.task == "instance-segmentation") != (self.output_kind == "instances"):
+            raise BundleError(f"task {self.task!r} does not go with output_kind {self.output_kind!r}: "
+                              "instance-segmentation bundles have output_kind 'instances', semantic ones logits, probs or mask")
+        if self.task == "instance-segmentation":
+            from edgeseg.instance_layout import InstanceLayout, LayoutError
+
+            try:
+                layout = InstanceLayout.from_dict(self.instances)
+            except LayoutError as e:
+                raise BundleError(str(e)) from None
+            if layout.num_classes != len(self.labels):
+                raise BundleError(f"instances.num_classes is {layout.num_classes} but there are {len(self.labels)} labels")
+            self.instances = layout.to_dict()
+        elif self.instances is not None:
+            raise BundleError("only instance-segmentation bundles have an 'instances' layout")
         if not self.edgeseg_version:
             from edgeseg import __version__
 

@@ -212,6 +212,18 @@ def clip_mask(p: np.ndarray, clip_above: float = 0.7, zero_below: float = 0.3) -
     return m
 
 
+def drawing_frame(own: np.ndarray | None, frame: np.ndarray | None, size) -> np.ndarray:
+    """The frame a result draws on: the one given, else the one it was computed from; checked
+    to be a BGR frame of the result's size."""
+    frame = own if frame is None else frame
+    if frame is None:
+        raise FrameError("no frame to draw on: pass the frame the result was computed from")
+    check_frame(frame)
+    if frame.shape[:2] != tuple(size):
+        raise FrameError(f"frame {frame.shape[:2]} does not match the result's size {tuple(size)}; pass the same frame")
+    return frame
+
+
 # -- results ----------------------------------------------------------------------------------
 @dataclass(eq=False)
 class SegmentationResult:
@@ -296,13 +308,7 @@ class SegmentationResult:
 
     # -- drawing ----------------------------------------------------------------------------
     def _frame(self, frame) -> np.ndarray:
-        frame = self.frame if frame is None else frame
-        if frame is None:
-            raise FrameError("no frame to draw on: pass the frame the result was computed from")
-        check_frame(frame)
-        if frame.shape[:2] != self.size:
-            raise FrameError(f"frame {frame.shape[:2]} does not match the result's size {self.size}; pass the same frame")
-        return frame
+        return drawing_frame(self.frame, frame, self.size)
 
     def _shown_mask(self) -> np.ndarray:
         lut = np.zeros(256, np.uint8)

@@ -1,4 +1,5 @@
-"""COCO instance annotations (Lin et al., 2014) turned into semantic masks.
+"""COCO instance annotations (Lin et al., 2014): semantic masks (`COCOSegmentation`) or the
+instances themselves (`COCOInstances`).
 
     coco:/data/coco/annotations/instances_val2017.json:/data/coco/val2017
     coco:/data/coco   + split "val"  -> annotations/instances_val2017.json and val2017/
@@ -8,6 +9,8 @@ sparse ids 1..90 become 1..80). Instance shapes come as polygons, uncompressed R
 list, usually crowd regions) or compressed RLE (`counts` a string, as in result files); all three
 decode here. Overlaps resolve so smaller instances stay visible (painted in decreasing area);
 crowd regions become 255 = ignore (`crowd="class"` paints them as their category instead).
+`COCOInstances` numbers the same categories 0..K-1 (no background) and keeps one mask per
+annotation.
 
 pycocotools is used when installed (`pip install edgeseg[coco]`); without it the built-in
 decoders run: RLE decodes exactly the same, polygons are filled by the pixel-centre rule, which
@@ -202,11 +205,11 @@ class COCOSegmentation(SegmentationDataset):
     def name(self, i: int) -> str:
         return str(self.samples[i][0])
 
-    def semantic_mask(self, i: int) -> np.ndarray:
+    def decoded(self, i: int) -> list[tuple[bool, int, np.ndarray]]:
+        """(iscrowd, class 1..K, bool mask) for each annotation of image i, in file order."""
         im, anns = self.records[i]
         h, w = int(im["height"]), int(im["width"])
-        mask = np.zeros((h, w), np.uint8)
-        decoded = []
+        out = []
         for a in anns:
             if a.get("category_id") not in self.category_to_class:
                 raise DatasetError(f"{self.annotations}: annotation {a.get('id')} of image {im['id']} ({im['file_name']}) "
@@ -216,20 +219,50 @@ class COCOSegmentation(SegmentationDataset):
             except (KeyError, ValueError, TypeError) as e:
                 raise DatasetError(f"{self.annotations}: annotation {a.get('id')} of image {im['file_name']}: "
                                    f"bad segmentation ({e})") from None
-            decoded.append((bool(a.get("iscrowd", 0)), -float(m.sum()), self.category_to_class[a["category_id"]], m))
+            out.append((bool(a.get("iscrowd", 0)), self.category_to_class[a["category_id"]], m))
+        return out
+
+    def semantic_mask(self, i: int) -> np.ndarray:
+        im = self.records[i][0]
+        mask = np.zeros((int(im["height"]), int(im["width"])), np.uint8)
         # crowd regions first, then instances from the largest to the smallest
-        for crowd, _, cls, m in sorted(decoded, key=lambda d: (not d[0], d[1])):
+        for crowd, cls, m in sorted(self.decoded(i), key=lambda d: (not d[0], -float(d[2].sum()))):
             mask[m] = IGNORE_INDEX if crowd and self.crowd == "ignore" else cls
         return mask
 
-    def __getitem__(self, i: int):
+    def read(self, i: int) -> np.ndarray:
+        """The image of sample i, checked against the size the annotation file gives."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for a dataset of {len(self)} samples")
         i %= len(self)
         img = read_image(self.samples[i][0])
-        mask = self.semantic_mask(i)
-        if img.shape[:2] != mask.shape:
-            im = self.records[i][0]
+        im = self.records[i][0]
+        if img.shape[:2] != (int(im["height"]), int(im["width"])):
             raise DatasetError(f"image {self.samples[i][0]} is {img.shape[1]}x{img.shape[0]} but {self.annotations} "
                                f"says {im['width']}x{im['height']}")
-        return img, mask
+        return img
+
+    def __getitem__(self, i: int):
+        img = self.read(i)
+        return img, self.semantic_mask(i % len(self))
+
+
+class COCOInstances(COCOSegmentation):
+    """The same files read for instance segmentation: `ds[i] -> (BGR image, InstanceAnnotations)`.
+
+    `labels` are the categories in id order without background (class id = position), each
+    annotation one mask as the file gives it (instances may overlap); crowd regions come with
+    `iscrowd` set, which the COCO evaluation treats as regions to ignore."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.labels = self.labels[1:]
+
+    def __getitem__(self, i: int):
+        from edgeseg.data.instances import InstanceAnnotations
+
+        img = self.read(i)
+        decoded = self.decoded(i % len(self))
+        masks = np.stack([d[2] for d in decoded]) if decoded else np.zeros((0, *img.shape[:2]), bool)
+        return img, InstanceAnnotations(masks, [d[1] - 1 for d in decoded], iscrowd=[d[0] for d in decoded],
+                                        image_size=img.shape[:2])

@@ -10,6 +10,9 @@
 
 A `:<split>` written in the spec (synthetic:test) overrides the `split` argument. Extra keyword
 arguments go to the reader. No torch import: the runtime and calibration use this too.
+
+`open_instances(spec, split)` opens the same specs for instance segmentation (synthetic and coco
+have instances): readers of (BGR image, `edgeseg.data.instances.InstanceAnnotations`).
 """
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ from edgeseg.data.base import DatasetError
 KINDS = ("voc", "cityscapes", "camvid", "coco", "folder", "synthetic")
 
 
-def _synthetic(rest: str, split: str, kw: dict):
-    from edgeseg.data.synthetic import SyntheticScenes
+def _synthetic(rest: str, split: str, kw: dict, instances: bool = False):
+    from edgeseg.data.synthetic import SyntheticInstances, SyntheticScenes
 
     split_part, _, query = rest.partition("?")
     if split_part:
@@ -45,24 +48,25 @@ def _synthetic(rest: str, split: str, kw: dict):
         raise DatasetError(f"bad synthetic dataset option: {e} (e.g. synthetic:val?n=200&size=128x128)") from None
     if split not in ("train", "val", "test"):
         raise DatasetError(f"synthetic split must be train, val or test, got {split!r}")
-    ds = SyntheticScenes(size=tuple(size), length=n, seed=seed, split=split, **kw)
+    ds = (SyntheticInstances if instances else SyntheticScenes)(size=tuple(size), length=n, seed=seed, split=split, **kw)
     ds.has_splits = True
     return ds
 
 
-def _coco(rest: str, split: str, kw: dict):
-    from edgeseg.data.coco import COCOSegmentation
+def _coco(rest: str, split: str, kw: dict, instances: bool = False):
+    from edgeseg.data.coco import COCOInstances, COCOSegmentation
 
+    reader = COCOInstances if instances else COCOSegmentation
     if ".json:" in rest:
         ann, images = rest.split(".json:", 1)
-        return COCOSegmentation(ann + ".json", images, **kw)
+        return reader(ann + ".json", images, **kw)
     root = Path(rest)
     if root.suffix == ".json":
         raise DatasetError(f"coco spec {rest!r} names no image folder; write coco:/path/annotations.json:/path/images")
     ann = root / "annotations" / f"instances_{split}2017.json"
     if not ann.is_file():
         raise DatasetError(f"COCO annotations not found: {ann}; write coco:/path/annotations.json:/path/images")
-    return COCOSegmentation(ann, root / f"{split}2017", **kw)
+    return reader(ann, root / f"{split}2017", **kw)
 
 
 def open_dataset(spec: str, split: str = "val", **kw):
@@ -100,3 +104,20 @@ def open_dataset(spec: str, split: str = "val", **kw):
     from edgeseg.data.folder import FolderDataset
 
     return FolderDataset(root, split, **kw)
+
+
+def open_instances(spec: str, split: str = "val", **kw):
+    """Open an instance-segmentation reader (synthetic or coco) from a spec string. Returns an
+    object with len(), [i] -> (BGR uint8 image, InstanceAnnotations), .labels (object classes)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise DatasetError("empty dataset spec; instance data is coco:/path/annotations.json:/path/images or synthetic")
+    spec = spec.strip()
+    if spec.lower() == "synthetic" or spec.lower().startswith(("synthetic:", "synthetic?")):
+        return _synthetic(spec[len("synthetic"):].lstrip(":"), split, kw, instances=True)
+    kind, sep, rest = spec.partition(":")
+    if sep and kind.lower() == "coco":
+        if not rest:
+            raise DatasetError(f"dataset spec {spec!r} names no path; e.g. coco:/path/annotations.json:/path/images")
+        return _coco(rest, split, kw, instances=True)
+    raise DatasetError(f"{spec!r} has no instance annotations; instance models are trained and scored on "
+                       "coco:/path/annotations.json:/path/images or synthetic (e.g. synthetic:test?n=200)")

@@ -98,23 +98,33 @@ class SceneObject:
     spin: float
     patch: np.ndarray  # BGR texture covering the object's bounding square
 
-    def draw(self, img: np.ndarray, mask: np.ndarray) -> None:
+    def raster(self, h: int, w: int) -> tuple[int, int, np.ndarray] | None:
+        """(x0, y0, inside): the object's pixels as a bool array over its bounding box at (x0, y0)
+        in an h x w frame (None when it lies outside). Only the box is rasterised: frame-sized
+        work per object is slow."""
         poly = _polygon(self.cls, self.x, self.y, self.r, self.angle, self.aspect)[0]
-        # rasterise inside the object's bounding box only (frame-sized work per object is slow)
-        h, w = mask.shape
         x0, y0 = np.maximum(poly.min(0) // 16 - 1, 0)
         x1, y1 = np.minimum(poly.max(0) // 16 + 2, [w, h])
         if x1 <= x0 or y1 <= y0:
-            return
+            return None
         roi = np.zeros((y1 - y0, x1 - x0), np.uint8)
         cv2.fillPoly(roi, [poly - np.array([x0, y0], np.int32) * 16], 1, lineType=cv2.LINE_8, shift=4)
-        inside = roi.astype(bool)
+        return int(x0), int(y0), roi.astype(bool)
+
+    def draw(self, img: np.ndarray, mask: np.ndarray) -> tuple[int, int, np.ndarray] | None:
+        """Paint the object into `img` and its class into `mask`; returns `raster`'s result."""
+        r = self.raster(*mask.shape)
+        if r is None:
+            return None
+        x0, y0, inside = r
+        y1, x1 = y0 + inside.shape[0], x0 + inside.shape[1]
         ph, pw = self.patch.shape[:2]
         # texture moves with the object
         rows = (np.arange(y0, y1) - int(self.y) + ph // 2) % ph
         cols = (np.arange(x0, x1) - int(self.x) + pw // 2) % pw
         np.copyto(img[y0:y1, x0:x1], self.patch[rows[:, None], cols[None, :]], where=inside[..., None])
         np.copyto(mask[y0:y1, x0:x1], np.uint8(self.cls), where=inside)
+        return r
 
     def step(self, h: int, w: int) -> None:
         self.x += self.vx
@@ -156,20 +166,118 @@ class SyntheticScenes:
         return add_sensor_noise(rng, img), mask
 
 
+def _patch(rng: np.random.Generator, cls: int, r: float) -> np.ndarray:
+    size = int(2 * r + 4)
+    return _hsv_fill(rng, size, size, _HUES[cls], rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0))
+
+
 def random_objects(rng: np.random.Generator, h: int, w: int, n: int, speed: float = 0.0) -> list[SceneObject]:
     objs = []
     scale = min(h, w)
     for _ in range(n):
         cls = int(rng.integers(1, len(LABELS)))
         r = float(rng.uniform(0.06, 0.2) * scale)
-        size = int(2 * r + 4)
-        patch = _hsv_fill(rng, size, size, _HUES[cls], rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0))
+        patch = _patch(rng, cls, r)
         objs.append(SceneObject(
             cls, float(rng.uniform(r, w - r)), float(rng.uniform(r, h - r)), r, float(rng.uniform(0, 2 * np.pi)),
             float(rng.uniform(0.6, 1.0)), float(rng.normal(0, speed)), float(rng.normal(0, speed)),
             float(rng.normal(0, 0.02 if speed else 0)), patch,
         ))
     return objs
+
+
+class SyntheticInstances:
+    """Labelled scenes for instance segmentation: `ds[i] -> (bgr uint8 HxWx3, InstanceAnnotations)`.
+
+    A scene holds 1..max_objects objects of one or two classes, so several objects share a class,
+    and most are placed against another one: touching, or overlapping it by up to half. Each
+    annotation is the object's visible pixels, exact (drawn by the same rasteriser as the image);
+    an object left with less than `min_visible` of its area is removed from the scene, image
+    included, since no annotator could outline it. `labels` are the object classes (no
+    background); class id c is `SyntheticScenes` class c + 1. `split` offsets the seed as there.
+    """
+
+    labels = LABELS[1:]
+    palette = PALETTE[1:]
+    has_splits = True
+
+    def __init__(self, size=(256, 256), length: int = 1000, seed: int = 0, split: str = "train", max_objects: int = 6,
+                 min_visible: float = 0.4):
+        if split not in SyntheticScenes._SPLITS:
+            raise ValueError(f"split must be one of {sorted(SyntheticScenes._SPLITS)}, got {split!r}")
+        self.size, self.length, self.max_objects = tuple(size), int(length), int(max_objects)
+        self.min_visible = float(min_visible)
+        self.seed = seed + SyntheticScenes._SPLITS[split]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        img, ann, _ = self.scene(i)
+        return img, ann
+
+    def scene(self, i: int):
+        """(image, InstanceAnnotations, the class mask drawn with the image: 0 background, c + 1)."""
+        from edgeseg.data.instances import InstanceAnnotations
+
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        rng = np.random.default_rng([self.seed, i, 1])  # a stream of its own: not the semantic scene i
+        h, w = self.size
+        img, mask = background(rng, h, w), np.zeros((h, w), np.uint8)
+        objs = clustered_objects(rng, h, w, int(rng.integers(1, self.max_objects + 1)))
+        objs, masks = visible_masks(objs, h, w, self.min_visible)
+        for o in objs:
+            o.draw(img, mask)
+        ann = InstanceAnnotations(masks, [o.cls - 1 for o in objs], image_size=(h, w))
+        return add_sensor_noise(rng, img), ann, mask
+
+
+def clustered_objects(rng: np.random.Generator, h: int, w: int, n: int) -> list[SceneObject]:
+    """n objects of one or two classes; after the first, most are placed against an earlier one
+    (centre distance 0.5..1.0 of the two radii: overlapping by half up to just touching)."""
+    scale = min(h, w)
+    classes = rng.choice(np.arange(1, len(LABELS)), size=int(rng.integers(1, 3)), replace=False)
+    objs: list[SceneObject] = []
+    for _ in range(n):
+        cls = int(rng.choice(classes))
+        r = float(rng.uniform(0.07, 0.17) * scale)
+        patch = _patch(rng, cls, r)
+        if objs and rng.random() < 0.7:
+            o = objs[int(rng.integers(len(objs)))]
+            a, d = rng.uniform(0, 2 * np.pi), (o.r + r) * rng.uniform(0.5, 1.0)
+            x, y = float(np.clip(o.x + d * np.cos(a), r, w - r)), float(np.clip(o.y + d * np.sin(a), r, h - r))
+        else:
+            x, y = float(rng.uniform(r, w - r)), float(rng.uniform(r, h - r))
+        objs.append(SceneObject(cls, x, y, r, float(rng.uniform(0, 2 * np.pi)), float(rng.uniform(0.6, 1.0)),
+                                0.0, 0.0, 0.0, patch))
+    return objs
+
+
+def visible_masks(objs: list[SceneObject], h: int, w: int, min_visible: float = 0.4, min_pixels: int = 24):
+    """The objects that stay visible when drawn in order, and their visible pixels (N, h, w) bool.
+
+    Objects showing less than `min_visible` of their area (or fewer than `min_pixels`) are dropped
+    and the rest recomputed, since removing an occluder uncovers what lies below it."""
+    full = np.zeros((len(objs), h, w), bool)
+    for k, o in enumerate(objs):
+        r = o.raster(h, w)
+        if r is not None:
+            x0, y0, inside = r
+            full[k, y0 : y0 + inside.shape[0], x0 : x0 + inside.shape[1]] = inside
+    keep = list(range(len(objs)))
+    while True:
+        covered = np.zeros((h, w), bool)
+        visible = {}
+        for k in reversed(keep):  # the last drawn is on top
+            visible[k] = full[k] & ~covered
+            covered |= full[k]
+        areas = {k: int(full[k].sum()) for k in keep}
+        drop = [k for k in keep if visible[k].sum() < max(min_pixels, min_visible * areas[k])]
+        if not drop:
+            break
+        keep = [k for k in keep if k not in drop]
+    return [objs[k] for k in keep], np.stack([visible[k] for k in keep]) if keep else np.zeros((0, h, w), bool)
 
 
 def add_sensor_noise(rng: np.random.Generator, img: np.ndarray, sigma: float | None = None) -> np.ndarray:
