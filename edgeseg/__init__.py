@@ -21,7 +21,7 @@ _LAZY = {
     "load_bundle": ("edgeseg.bundle", "Bundle.load"),
     "convert": ("edgeseg.api", "convert"),
     "calibrate": ("edgeseg.api", "calibrate"),
-    "Segmenter": ("runtime.segmenter", "Segmenter"),
+    "Segmenter": ("edgeseg.segmenter", "Segmenter"),  # the runtime's, plus build_missing=True
     "SegmentationResult": ("runtime.postprocess", "SegmentationResult"),
     "models": ("edgeseg.models", None),
     "losses": ("edgeseg.losses", None),

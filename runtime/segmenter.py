@@ -90,26 +90,34 @@ class Stream:
 class Segmenter:
     """Bundle + engine + postprocessing.
 
-    bundle: a bundle folder or `edgeseg.bundle.Bundle`. backend: auto | onnxruntime | tensorrt |
-    coreml (`auto` picks TensorRT when it and a GPU are present, else ONNX Runtime; `.backend` and
-    `.backend_reason` say which and why). precision: the artifact to use (fp32, fp16, int8...).
+    bundle: a bundle folder or `edgeseg.bundle.Bundle`. backend: auto or a name in
+    runtime.engines.registry (`auto` picks TensorRT when it, a GPU and an engine built for it are
+    present, else the next the registry names, down to ONNX Runtime; `.backend` and
+    `.backend_reason` say which and why). The runtime opens what the bundle holds;
+    `edgeseg.Segmenter(..., build_missing=True)` also builds a missing TensorRT engine. precision: the artifact to use (fp32, fp16, int8...).
     smoothing / keep / ignore / threshold / scores / fill: see runtime.postprocess.Postprocessor.
-    engine_options go to the engine (ONNX Runtime: threads=, providers=).
+    engine_options go to the engine (ONNX Runtime: threads=, providers=). engine: an engine opened
+    already (its `backend` attribute names it); then backend/engine_options are not used.
     """
 
     def __init__(self, bundle, backend: str = "auto", precision: str | None = None, smoothing: float = 0.0,
                  keep=None, ignore=None, threshold: float | None = None, scores: bool = False, fill: int | None = None,
-                 **engine_options):
+                 engine=None, backend_reason: str | None = None, **engine_options):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         m = self.bundle.manifest
         if m.task != "semantic-segmentation":
             raise EdgesegError(f"bundle {self.bundle.path} is a {m.task!r} model; Segmenter runs semantic-segmentation bundles")
-        self.backend, self.backend_reason = resolve_backend(backend, self.bundle)
+        if engine is not None:
+            self.backend, self.backend_reason = engine.backend, backend_reason or "engine given"
+        else:
+            self.backend, self.backend_reason = resolve_backend(backend, self.bundle, precision)
         log.info("backend %s (%s)", self.backend, self.backend_reason)
-        if self.backend == "onnxruntime":
-            # idle ORT threads spin for work by default, taking the CPU the other stages need
-            engine_options.setdefault("spinning", False)
-        self.engine = open_engine(self.bundle, self.backend, precision, **engine_options)
+        if engine is None:
+            if self.backend == "onnxruntime":
+                # idle ORT threads spin for work by default, taking the CPU the other stages need
+                engine_options.setdefault("spinning", False)
+            engine = open_engine(self.bundle, self.backend, precision, **engine_options)
+        self.engine = engine
         self.precision = getattr(self.engine, "precision", precision)
         self.preprocess = m.preprocess
         self.labels, self.palette = list(m.labels), [list(c) for c in m.palette]

@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "coreml")
+from runtime.engines.registry import backend_choices
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="PATH", help="write the overlay: video (.mp4/.avi), image folder, or image file")
     p.add_argument("--show", action="store_true", help="show a window (needs a display)")
     p.add_argument("--serve", metavar="HOST:PORT", help="serve the live view to a browser (loopback unless a host is given)")
-    p.add_argument("--backend", default="auto", choices=BACKENDS, help="engine (default auto: TensorRT if usable, else ONNX Runtime)")
+    add_backend_argument(p)
     p.add_argument("--precision", help="artifact precision to run (fp32, fp16, int8 ...; default: the most accurate)")
     p.add_argument("--frames", type=int, default=None, metavar="N", help="stop after N frames")
     p.add_argument("--smoothing", type=float, default=0.0, metavar="X", help="temporal smoothing 0..1 (0 off; 0.6 steadies flicker)")
@@ -31,6 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_stage_nice_argument(p)
     p.add_argument("--stats", action="store_true", help="print per-stage timings at the end")
     p.add_argument("--stats-json", metavar="PATH", help="write timings as JSON (rewritten every few seconds)")
+
+
+def add_backend_argument(p: argparse.ArgumentParser) -> None:
+    """--backend, with the choices of runtime.engines.registry (shared by run, bench and demo)."""
+    p.add_argument("--backend", default="auto", choices=backend_choices(),
+                   help="engine (default auto: the first the machine and the bundle allow, in the order "
+                        "TensorRT, CoreML on macOS, OpenVINO on x86, ONNX Runtime, LiteRT)")
 
 
 def add_stage_nice_argument(p: argparse.ArgumentParser) -> None:
