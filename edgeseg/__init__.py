@@ -23,6 +23,7 @@ _LAZY = {
     "calibrate": ("edgeseg.api", "calibrate"),
     "Segmenter": ("edgeseg.segmenter", "Segmenter"),  # the runtime's, plus build_missing=True
     "SegmentationResult": ("runtime.postprocess", "SegmentationResult"),
+    "BatchSegmenter": ("edgeseg.cluster.batch", "BatchSegmenter"),
     "models": ("edgeseg.models", None),
     "losses": ("edgeseg.losses", None),
     "metrics": ("edgeseg.metrics", None),

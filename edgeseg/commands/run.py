@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_stage_nice_argument(p)
     p.add_argument("--stats", action="store_true", help="print per-stage timings at the end")
     p.add_argument("--stats-json", metavar="PATH", help="write timings as JSON (rewritten every few seconds)")
+    from edgeseg.cluster.cli import add_run_arguments
+
+    add_run_arguments(p)
 
 
 def add_backend_argument(p: argparse.ArgumentParser) -> None:
@@ -54,6 +57,10 @@ def _labels(values):
 
 
 def run(args) -> int:
+    from edgeseg.cluster.cli import run_batch, wants_batch
+
+    if wants_batch(args):
+        return run_batch(args, _labels)
     from runtime.segmenter import Segmenter
 
     options = {"threads": args.threads} if args.threads else {}
