@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from converters.tensorrt.preflight import check_preflight, load_onnx
+from edgeseg import progress
 from edgeseg.bundle import atomic_path, sha256_file
 from edgeseg.engine_cache import BuildOptions, EngineHeader, Target, engine_key, header_path
 from edgeseg.errors import ConversionError
@@ -72,7 +73,8 @@ def _network_flags(trt, strongly_typed: bool) -> int:
 
 
 def _make_progress(trt):
-    """IProgressMonitor (TensorRT >= 10) that logs phases; None where the bindings lack it."""
+    """IProgressMonitor (TensorRT >= 10) that shows the builder's phases as progress bars (nested
+    as TensorRT nests them) and logs them; None where the bindings lack it."""
     if not hasattr(trt, "IProgressMonitor"):
         return None
 
@@ -80,20 +82,27 @@ def _make_progress(trt):
         def __init__(self):
             trt.IProgressMonitor.__init__(self)
             self._started: dict[str, tuple[float, int]] = {}
+            self._bars: dict[str, progress.Bar] = {}
 
         def phase_start(self, phase_name, parent_phase, num_steps):
             self._started[phase_name] = (time.monotonic(), num_steps)
+            self._bars[phase_name] = progress.bar(f"TensorRT: {phase_name}", total=num_steps, unit="steps")
             depth = 1 if parent_phase else 0
             log.info("build: %s%s (%d steps)", "  " * depth, phase_name, num_steps)
 
         def step_complete(self, phase_name, step):
             t0, n = self._started.get(phase_name, (time.monotonic(), 0))
+            if phase_name in self._bars:
+                self._bars[phase_name].update()
             if n >= 10 and (step + 1) % max(1, n // 10) == 0:
                 log.info("build: %s %d/%d (%.0f s)", phase_name, step + 1, n, time.monotonic() - t0)
             return True  # never cancel
 
         def phase_finish(self, phase_name):
             t0, _ = self._started.pop(phase_name, (time.monotonic(), 0))
+            bar = self._bars.pop(phase_name, None)
+            if bar is not None:
+                bar.close()
             log.info("build: %s done in %.1f s", phase_name, time.monotonic() - t0)
 
     return Progress()
@@ -186,15 +195,16 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, o
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
     if options.optimization_level is not None:
         config.builder_optimization_level = int(options.optimization_level)
-    progress = _make_progress(trt)
-    if progress is not None:
-        config.progress_monitor = progress
+    monitor = _make_progress(trt)
+    if monitor is not None:
+        config.progress_monitor = monitor
     cache = _load_timing_cache(config, options.timing_cache)
 
     log.info("building TensorRT %s %s engine for %s on %s (%s)%s", trt.__version__, options.precision, onnx_path.name,
              target.gpu_name, target.sm, f", profile {shapes}" if shapes else "")
     t0 = time.monotonic()
-    serialized = builder.build_serialized_network(network, config)
+    with progress.phase(f"TensorRT {options.precision} engine build"):
+        serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ConversionError(
             f"TensorRT could not build an engine for {onnx_path} ({_io_names(model)}):\n  "
