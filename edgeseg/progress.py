@@ -48,7 +48,6 @@ class _State:
     enabled: bool | None = None  # None: only when the stream is a terminal
     stream: TextIO | None = None  # None: sys.stderr at the time of use
     third_party = False  # let other libraries' output through quiet_third_party()
-    open_bars = 0  # bars drawn now: one opened inside another is erased when it ends
     lock = threading.Lock()
 
 
@@ -149,11 +148,7 @@ class _TqdmBar(Bar):
 
     def __init__(self, desc: str, total: int | None, unit: str, rate_label: str | None):
         cls = _tqdm_class(rate_label or f"{unit}/s")
-        with _State.lock:
-            outermost = _State.open_bars == 0
-            _State.open_bars += 1
-        self._closed = False
-        self._bar = cls(total=total, desc=desc, unit=unit, file=_stream(), leave=outermost, **_size(),
+        self._bar = cls(total=total, desc=desc, unit=unit, file=_stream(), leave=True, **_size(),
                         mininterval=0.25, disable=False, bar_format=self._format(total))
 
     def _format(self, total) -> str:
@@ -176,11 +171,7 @@ class _TqdmBar(Bar):
         self._bar.refresh()
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._bar.close()
-            with _State.lock:
-                _State.open_bars -= 1
+        self._bar.close()
 
 
 def bar(desc: str, total: int | None = None, unit: str = "steps", rate_label: str | None = None) -> Bar:
@@ -207,9 +198,6 @@ def phase(desc: str) -> Iterator[None]:
     if not enabled():
         yield
         return
-    with _State.lock:
-        outermost = _State.open_bars == 0
-        _State.open_bars += 1
     t = _tqdm_class("")(total=None, desc=desc, file=_stream(), leave=False, **_size(), bar_format="{desc} ... {elapsed}",
             disable=False)
     stop = threading.Event()
@@ -229,9 +217,7 @@ def phase(desc: str) -> Iterator[None]:
         stop.set()
         ticker.join()
         t.close()
-        with _State.lock:
-            _State.open_bars -= 1
-        if ok and outermost:
+        if ok:
             write(f"{desc}  done in {time.perf_counter() - t0:.1f} s")
 
 

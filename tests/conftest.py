@@ -43,8 +43,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         for marker, probe in (("gpu", _cuda_reason), ("tensorrt", _tensorrt_reason),
                               ("macos", lambda: None if platform.system() == "Darwin" else "CoreML predict needs macOS")):
-            # the marker itself, not `item.keywords`: those also hold folder names (a checkout in gpu/)
-            if item.get_closest_marker(marker) is not None:
+            if marker in item.keywords:
                 if marker not in reasons:
                     reasons[marker] = probe()
                 if reasons[marker]:

@@ -99,9 +99,11 @@ def test_nvcc_compiles_kernels(source, tmp_path):
 # -- GPU ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gpu():
-    from runtime.engines.tensorrt import gpu_context
+    from runtime.engines.tensorrt import GpuContext
 
-    return gpu_context(0)
+    ctx = GpuContext(0)
+    yield ctx
+    ctx.release()
 
 
 @pytest.mark.gpu

@@ -37,9 +37,7 @@ def test_api_and_backend_choice(seg, default_bundle):
 
 
 def test_lazy_public_names():
-    import edgeseg.segmenter
-
-    assert edgeseg.Segmenter is edgeseg.segmenter.Segmenter and issubclass(edgeseg.Segmenter, Segmenter)
+    assert edgeseg.Segmenter is Segmenter
     assert edgeseg.SegmentationResult is SegmentationResult
 
 

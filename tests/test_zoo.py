@@ -1,5 +1,6 @@
 """Every zoo model trains a few steps, exports to ONNX with parity against torch, passes the
-TensorRT preflight and converts to CoreML; plus the encoders' feature strides and weight loading."""
+TensorRT preflight and converts to CoreML; plus the encoders' feature strides and weight loading.
+Instance models (Mask R-CNN) are checked the same way on detections instead of logits."""
 from __future__ import annotations
 
 import importlib
@@ -21,7 +22,14 @@ SMALL = {
     "deeplabv3plus_resnet": dict(depth=18, width=0.5, aspp_channels=32, decoder_channels=32, low_channels=16),
     "fastfcn_resnet": dict(depth=18, width=0.5, jpu_width=32, head_channels=32),
     "gscnn_resnet": dict(depth=18, width=0.5, aspp_channels=32, decoder_channels=32, shape_channels=16),
+    # every candidate is kept (score threshold 0), so parity compares full, untrained detection lists
+    "maskrcnn_resnet": dict(depth=18, width=0.25, fpn_channels=32, anchor_sizes=(8, 16, 32, 64), rpn_pre_nms_top_n=(200, 100),
+                            rpn_post_nms_top_n=(100, 50), box_batch_size_per_image=32, rpn_batch_size_per_image=64,
+                            detections_per_img=12, representation_size=64, mask_channels=16, mask_convs=2, mask_pool=7,
+                            box_score_thresh=0.0),
 }
+INSTANCE_MODELS = ("maskrcnn_resnet",)
+SEMANTIC_MODELS = [n for n in models.available() if n not in INSTANCE_MODELS]
 NUM_CLASSES = 3
 SIZE = (64, 64)
 
@@ -78,7 +86,13 @@ def to_coreml(model, path, pre, labels):
     mlmodel.save(str(path))
 
 
-@pytest.mark.parametrize("name", models.available())
+def test_every_model_is_tested_for_its_task():
+    for name in models.available():
+        task = getattr(build(name), "task", "semantic-segmentation")
+        assert (name in INSTANCE_MODELS) == (task == "instance-segmentation"), name
+
+
+@pytest.mark.parametrize("name", SEMANTIC_MODELS)
 def test_zoo_model_trains_exports_and_converts(name, tmp_path):
     model = build(name)
     assert getattr(model, "input_multiple", 0) >= 1 and SIZE[0] % model.input_multiple == 0
@@ -184,3 +198,177 @@ def test_backbone_weights_load_from_a_local_file(tmp_path):
     torch.testing.assert_close(model.backbone.conv1.weight, sd["conv1.weight"])
     with pytest.raises(FileNotFoundError, match="local files only"):
         models.create("fastfcn_resnet", num_classes=3, depth=18, backbone_weights=str(tmp_path / "missing.pth"))
+
+
+# -- Mask R-CNN ------------------------------------------------------------------------------------
+OUTPUTS = ("boxes", "scores", "classes", "masks")
+
+
+def toy_instances():
+    """Two 64x64 images with two and one objects: boxes, labels, masks as Mask R-CNN trains on."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, *SIZE, generator=g)
+    targets = []
+    for rects, labels in (([(8, 16, 40, 48), (30, 40, 60, 60)], [0, 2]), ([(4, 4, 30, 24)], [1])):
+        masks = torch.zeros(len(rects), *SIZE, dtype=torch.uint8)
+        for m, (x0, y0, x1, y1) in zip(masks, rects):
+            m[y0:y1, x0:x1] = 1
+            x[len(targets), :, y0:y1, x0:x1] += 2.0  # objects stand out from the noise
+        targets.append({"boxes": torch.tensor(rects, dtype=torch.float32), "labels": torch.tensor(labels), "masks": masks})
+    return x, targets
+
+
+class _Detections(torch.nn.Module):
+    """The eval-mode outputs as a tuple, in OUTPUTS order."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        out = self.model(x)
+        return tuple(out[k] for k in OUTPUTS)
+
+
+def _box_masks(masks: np.ndarray) -> np.ndarray:
+    return masks > 0.5
+
+
+def test_maskrcnn_trains_exports_and_converts(tmp_path):
+    name = "maskrcnn_resnet"
+    model = build(name)
+    assert model.task == "instance-segmentation" and SIZE[0] % model.input_multiple == 0
+
+    # -- trains: a few steps on a fixed batch lower the sum of the five losses
+    x, targets = toy_instances()
+    torch.manual_seed(0)  # the anchor and proposal samples
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    totals = []
+    for _ in range(8):
+        losses = model(x, targets)
+        assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+        loss = sum(losses.values())
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        totals.append(float(loss.detach()))
+    assert min(totals[-3:]) < totals[0], f"losses {totals}"
+
+    # -- exports to ONNX (NonMaxSuppression and RoiAlign inside, fixed shapes), detections matching torch
+    import onnx
+    import onnxruntime as ort
+    import onnxsim
+
+    model.eval()
+    net = _Detections(model).eval()
+    onnx_path = tmp_path / "maskrcnn.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(1, 3, *SIZE),), str(onnx_path), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=list(OUTPUTS))
+    simplified, ok = onnxsim.simplify(onnx.load(str(onnx_path)))
+    assert ok
+    onnx.save(simplified, str(onnx_path))
+    ops = {n.op_type for n in simplified.graph.node}
+    assert {"NonMaxSuppression", "RoiAlign", "TopK"} <= ops
+    assert not ops & {"Shape", "NonZero", "Loop", "If"}, f"data-dependent ops {ops & {'Shape', 'NonZero', 'Loop', 'If'}}"
+    roi_align = next(n for n in simplified.graph.node if n.op_type == "RoiAlign")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in roi_align.attribute}
+    assert attrs["coordinate_transformation_mode"] == b"half_pixel" and attrs["mode"] == b"avg"
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    D = model.detections_per_img
+    frames = torch.randn(2, 1, 3, *SIZE, generator=torch.Generator().manual_seed(1)) + x[:1]
+    for frame in frames:
+        got = dict(zip(OUTPUTS, sess.run(None, {"input": frame.numpy()})))
+        with torch.no_grad():
+            ref = {k: v.numpy() for k, v in model(frame).items()}
+        assert got["boxes"].shape == (1, D, 4) and got["masks"].shape == (1, D, model.mask_size, model.mask_size)
+        live = ref["scores"][0] > 0
+        assert live.sum() == D  # score threshold 0: every slot holds a detection
+        np.testing.assert_array_equal(got["classes"], ref["classes"])
+        np.testing.assert_allclose(got["scores"], ref["scores"], atol=1e-5)
+        np.testing.assert_allclose(got["boxes"], ref["boxes"], atol=1e-3)
+        a, b = _box_masks(got["masks"][0]), _box_masks(ref["masks"][0])
+        inter, union = (a & b).sum((1, 2)), (a | b).sum((1, 2))
+        iou = np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+        assert iou.min() >= 0.99, f"mask IoU per detection {iou}"
+
+    # -- TensorRT preflight: nothing in the way; RoIAlign's plugin is named when the check knows it
+    from converters.tensorrt import preflight
+
+    problems = preflight(str(onnx_path))
+    assert not [p for p in problems if p.severity == "error"], "; ".join(map(str, problems))
+
+    # -- Core ML converts the whole network (RoIAlign and NMS lowered to crop_resize and
+    # non_maximum_suppression; iOS17 for per-box image indices). Predicting needs macOS.
+    import coremltools as ct
+
+    from converters.coreml.detection_ops import register
+
+    register()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(net, (torch.zeros(1, 3, *SIZE),)).run_decompositions({})
+        mlmodel = ct.convert(program, inputs=[ct.TensorType(name="input", shape=(1, 3, *SIZE))], convert_to="mlprogram",
+                             minimum_deployment_target=ct.target.iOS17, skip_model_load=True)
+    ml_path = tmp_path / "maskrcnn.mlpackage"
+    mlmodel.save(str(ml_path))
+    spec = ct.utils.load_spec(str(ml_path))
+    assert spec.WhichOneof("Type") == "mlProgram" and len(spec.description.output) == len(OUTPUTS)
+    ops = {op.type for f in spec.mlProgram.functions.values() for b in f.block_specializations.values() for op in b.operations}
+    assert {"crop_resize", "non_maximum_suppression"} <= ops
+    # before iOS17 the RoIAlign lowering refuses and says what it needs
+    with pytest.raises(Exception, match="iOS17"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ct.convert(program, inputs=[ct.TensorType(name="input", shape=(1, 3, *SIZE))], convert_to="mlprogram",
+                       minimum_deployment_target=ct.target.iOS16, skip_model_load=True)
+
+
+def test_maskrcnn_targets_are_checked():
+    model = build("maskrcnn_resnet").train()
+    x, targets = toy_instances()
+    with pytest.raises(ValueError, match="needs targets"):
+        model(x)
+    bad = [dict(t) for t in targets]
+    bad[0]["labels"] = torch.tensor([0, 3])
+    with pytest.raises(ValueError, match=r"labels must be in 0\.\.2"):
+        model(x, bad)
+    bad = [dict(t) for t in targets]
+    bad[1]["masks"] = bad[1]["masks"][:, :32]
+    with pytest.raises(ValueError, match="at input size"):
+        model(x, bad)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model.eval()(torch.zeros(1, 3, 48, 64))
+
+
+def test_maskrcnn_backbone_weights_from_torchvision_style_files(tmp_path):
+    from edgeseg.models.maskrcnn import load_backbone_weights
+
+    kw = {**SMALL["maskrcnn_resnet"], "width": 1.0, "fpn_channels": 64}
+    model = models.create("maskrcnn_resnet", num_classes=3, **kw)
+    # a classification ResNet-18 state_dict (its fc is not part of the backbone)
+    from edgeseg.models.resnet import ResNet
+
+    sd = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in ResNet(18).state_dict().items()}
+    sd["fc.weight"] = torch.randn(1000, 512)
+    torch.save(sd, tmp_path / "resnet18.pth")
+    missing = load_backbone_weights(model, tmp_path / "resnet18.pth")
+    torch.testing.assert_close(model.backbone.body.layer3[1].conv2.weight, sd["layer3.1.conv2.weight"])
+    assert missing and all(k.startswith("backbone.fpn.") for k in missing)
+    # a torchvision Mask R-CNN checkpoint: backbone.body.* and an FPN in the pre-0.13 naming
+    det = {f"backbone.body.{k}": v.clone() for k, v in sd.items() if not k.startswith("fc.")}
+    det["backbone.fpn.inner_blocks.2.weight"] = torch.randn_like(model.backbone.fpn.inner_blocks[2][0].weight)
+    det["roi_heads.box_predictor.cls_score.weight"] = torch.randn(91, 1024)
+    torch.save({"state_dict": det}, tmp_path / "maskrcnn.pth")
+    model = models.create("maskrcnn_resnet", num_classes=3, backbone_weights=str(tmp_path / "maskrcnn.pth"), **kw)
+    torch.testing.assert_close(model.backbone.fpn.inner_blocks[2][0].weight, det["backbone.fpn.inner_blocks.2.weight"])
+    torch.testing.assert_close(model.backbone.body.conv1.weight, sd["conv1.weight"])
+    assert "backbone_weights" not in model.edgeseg_arch["kwargs"]
+    with pytest.raises(FileNotFoundError, match="local files only"):
+        models.create("maskrcnn_resnet", num_classes=3, backbone_weights=str(tmp_path / "missing.pth"), **kw)
+    torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="no tensor fits the ResNet-18 backbone"):
+        models.create("maskrcnn_resnet", num_classes=3, backbone_weights=str(tmp_path / "other.pth"), **kw)

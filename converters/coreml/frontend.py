@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from converters.coreml.detection_ops import register as register_detection_ops
 from converters.coreml.errors import CoreMLConversionError, DynamicShapeError, UnsupportedOpError, first_line
 from converters.coreml.schemes import INPUT_NAME, MAX_ENUMERATED_SHAPES, import_ct
 from edgeseg.spec import Preprocess
@@ -243,6 +244,7 @@ class Frontend:
 
     def _convert(self, source, compute: str):
         ct = import_ct()
+        register_detection_ops()
         precision = ct.precision.FLOAT16 if compute == "fp16" else ct.precision.FLOAT32
         tap = _LogTap()
         lg = logging.getLogger("coremltools")
