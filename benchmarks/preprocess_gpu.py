@@ -55,9 +55,9 @@ def main(argv=None) -> int:
 
     try:
         from runtime.cuda.kernels import GpuPreprocessor
-        from runtime.engines.tensorrt import GpuContext
+        from runtime.engines.tensorrt import gpu_context
 
-        gpu = GpuContext(args.device)
+        gpu = gpu_context(args.device)
     except Exception as e:  # EngineError: pycuda or GPU missing
         print(f"preprocess_gpu: no usable GPU: {e}", file=sys.stderr)
         return 2
@@ -119,7 +119,6 @@ def main(argv=None) -> int:
     print(f"OpenCV CPU (Preprocess.apply) median {statistics.median(cpu):8.3f} ms  -> CPU / kernel = "
           f"{statistics.median(cpu) / kern:.0f}x")
     print(f"H2D upload of the frame (pinned)    {statistics.median(upload):8.4f} ms")
-    gpu.release()
     return 0
 
 

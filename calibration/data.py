@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
+from edgeseg import progress
 from edgeseg.errors import EdgesegError
 from edgeseg.spec import FrameError, Preprocess, check_frame
 
@@ -369,7 +370,7 @@ class CalibrationSet(CalibrationDataReader):
         self.inputs: list[np.ndarray] = []
         self.names: list[str] = []
         self.hashes: set[str] = set()
-        for frame in self.source.read(self.indices):
+        for frame in progress.iterate(self.source.read(self.indices), "reading calibration frames", total=len(self.indices), unit="frames"):
             self.hashes.add(frame_hash(frame.image))
             self.names.append(frame.name)
             self.inputs.append(preprocess.apply(frame.image))

@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from calibration.data import CalibrationError, CalibrationWarning, FrameSource, frame_hash, open_source, sample_indices
+from edgeseg import progress
 from edgeseg.metrics import ConfusionMatrix
 from edgeseg.spec import Preprocess, unletterbox
 
@@ -89,7 +90,7 @@ def load_eval_set(data: Any, preprocess: Preprocess, *, max_images: int | None =
     elif max_images:
         indices = [indices[i] for i in sample_indices(len(indices), max_images)]
     inputs, masks, shapes, names, dropped = [], [], [], [], []
-    for frame in src.read(indices):
+    for frame in progress.iterate(src.read(indices), "reading evaluation frames", total=len(indices), unit="frames"):
         if exclude_hashes and frame_hash(frame.image) in exclude_hashes:
             dropped.append(frame.name)
             continue
@@ -159,10 +160,10 @@ def class_map(output: np.ndarray, output_kind: str = "logits") -> np.ndarray:
 
 
 def predict(runner: Runner, evalset: EvalSet, preprocess: Preprocess, output_kind: str = "logits",
-            keep_outputs: bool = False):
+            keep_outputs: bool = False, desc: str = "inference"):
     """Class maps at frame size for every frame (and the raw outputs when keep_outputs)."""
     maps, outputs = [], []
-    for x, hw in zip(evalset.inputs, evalset.frame_shapes):
+    for x, hw in progress.iterate(list(zip(evalset.inputs, evalset.frame_shapes)), desc, unit="frames"):
         y = runner(x)
         if keep_outputs:
             outputs.append(np.asarray(y, np.float32))
@@ -229,7 +230,8 @@ def evaluate_bundle(bundle, data: Any, *, max_images: int | None = DEFAULT_EVAL_
         bundle.verify_artifact(art)
         t0 = time.perf_counter()
         try:
-            maps = predict(onnx_runner(bundle.artifact_path(art), threads), evalset, man.preprocess, man.output_kind)
+            maps = predict(onnx_runner(bundle.artifact_path(art), threads), evalset, man.preprocess, man.output_kind,
+                           desc=art.path)
         except Exception as e:  # e.g. an fp16 graph with ops ONNX Runtime's CPU provider lacks
             if art.precision == "fp32":
                 raise
@@ -263,7 +265,7 @@ def evaluate_checkpoint(path: str | os.PathLike, data: Any, *, max_images: int |
         raise CalibrationError(f"{path} names no labels and the dataset neither; save the checkpoint with labels=[...]")
     _check_labels(evalset, labels)
     t0 = time.perf_counter()
-    maps = predict(torch_runner(model), evalset, pre, "logits")
+    maps = predict(torch_runner(model), evalset, pre, "logits", desc=f"{path} (torch)")
     row = {"path": str(path), "backend": "torch", "precision": "fp32", "target": None, **score(maps, evalset, labels),
            "seconds": round(time.perf_counter() - t0, 2)}
     return {"model": str(path), "data": evalset.description, "frames": len(evalset), "labels": labels,

@@ -31,6 +31,7 @@ import onnx
 from onnx import numpy_helper
 
 from calibration.data import CalibrationError
+from edgeseg import progress
 
 log = logging.getLogger("edgeseg.calibration")
 
@@ -236,14 +237,32 @@ def compute_ranges(model_path: str | os.PathLike, calib, method: str, cache_path
             raise CalibrationError(f"ONNX Runtime cannot prepare {model_path} for calibration: {type(e).__name__}: "
                                    f"{str(e).splitlines()[0] if str(e) else ''}") from None
         try:
-            for start in range(0, len(calib), chunk):
-                calib.set_range(start, start + chunk)
-                calibrator.collect_data(calib)
-            ranges = calibrator.compute_data()
+            with progress.bar(f"{method} ranges", total=len(calib), unit="frames") as bar:
+                for start in range(0, len(calib), chunk):
+                    calib.set_range(start, start + chunk)
+                    calibrator.collect_data(_Counted(calib, bar))
+            with progress.phase(f"{method} thresholds"):
+                ranges = calibrator.compute_data()
         finally:
             calib.rewind()
     save_tensors_data(ranges, cache_path)
     return ranges
+
+
+class _Counted:
+    """A calibration reader that counts the frames ONNX Runtime takes on a progress bar."""
+
+    def __init__(self, reader, bar):
+        self.reader, self.bar = reader, bar
+
+    def get_next(self):
+        item = self.reader.get_next()
+        if item is not None:
+            self.bar.update()
+        return item
+
+    def __getattr__(self, name):
+        return getattr(self.reader, name)
 
 
 def load_ranges(cache_path: str | os.PathLike):

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from calibration.evaluate import EvalSet, agreement, noise_ratio, onnx_runner, predict, pseudo_score, score
+from edgeseg.progress import bar as progress_bar
 from edgeseg.spec import Preprocess
 
 log = logging.getLogger("edgeseg.calibration")
@@ -129,6 +130,7 @@ def layer_sensitivity(evaluator: Evaluator, quantize: QuantizeFn, layers: Sequen
         quantize(path, nodes_to_quantize=names)
         q = evaluator.quick(path)
         done[0] += 1
+        bar.update()
         if progress and done[0] % 10 == 0:
             progress(f"sensitivity: {done[0]} measurements ({total} layers)")
         return q
@@ -137,22 +139,26 @@ def layer_sensitivity(evaluator: Evaluator, quantize: QuantizeFn, layers: Sequen
         return LayerSensitivity(name, op_types.get(name, "?"), q["changed_pixels"], q["noise_ratio"], q["miou_drop_points"], measured)
 
     k = group_size or max(1, round(math.sqrt(total)))
-    if k <= 1 or total <= 2 * k:
+    grouped = not (k <= 1 or total <= 2 * k)
+    groups = [list(layers[i:i + k]) for i in range(0, total, k)] if grouped else []
+    bar = progress_bar("layer sensitivity", total=len(groups) if grouped else total, unit="trials")
+    if not grouped:
         out = [entry(name, measure([name])) for name in layers]
     else:
-        groups = [list(layers[i:i + k]) for i in range(0, total, k)]
         effects = [measure(g) for g in groups]
         key = lambda q: (q["changed_pixels"], q["noise_ratio"])  # noqa: E731
         ranked = sorted(range(len(groups)), key=lambda i: key(effects[i]), reverse=True)
         worst = effects[ranked[0]]
         refine = set(ranked[:refine_groups]) | {
             i for i in ranked if effects[i]["changed_pixels"] >= refine_ratio * worst["changed_pixels"] > 0}
+        bar.total = len(groups) + sum(len(groups[i]) for i in refine)
         out = []
         for i, g in enumerate(groups):
             if i in refine:
                 out += [entry(name, measure([name])) for name in g]
             else:
                 out += [entry(name, effects[i], f"group of {len(g)}") for name in g]
+    bar.close()
     path.unlink(missing_ok=True)
     return sorted(out, key=lambda s: s.key, reverse=True)
 
@@ -173,12 +179,16 @@ def search_mixed_precision(evaluator: Evaluator, quantize: QuantizeFn, sensitivi
     cache: dict[frozenset, dict] = {frozenset(): full_int8}
     path = workdir / "candidate.onnx"
 
+    trials = progress_bar(f"{target}: float-layer search", unit="trials")
+
     def trial(names: list[str], purpose: str) -> dict:
         key = frozenset(names)
         if key not in cache:
             quantize(path, nodes_to_exclude=names)
             cache[key] = evaluator.measure(path)
             s = cache[key]
+            trials.update()
+            trials.note(f"{len(names)} in float: drop {s['miou_drop_points']:.2f} pts")
             result.trials.append(Trial(list(names), s["miou"], s["miou_drop_points"], ok(s), purpose))
             if progress:
                 progress(f"{target}: {len(names)} layer(s) in float -> mIoU drop {s['miou_drop_points']:.2f} pts ({purpose})")
@@ -223,6 +233,7 @@ def search_mixed_precision(evaluator: Evaluator, quantize: QuantizeFn, sensitivi
                     if len(chosen) == 1:
                         break
         final, within = cache[frozenset(chosen)], True
+    trials.close()
     result.final, result.within_budget = final, within
     order = {s.name: i for i, s in enumerate(sensitivity)}
     for name in sorted(chosen, key=lambda n: order.get(n, 1 << 30)):

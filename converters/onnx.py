@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from edgeseg.bundle import Artifact, Bundle, Manifest, atomic_path, default_palette, sha256_file
-from edgeseg.errors import ConversionError
+from edgeseg import progress
+from edgeseg.errors import ConversionError, option
 from edgeseg.spec import Preprocess
 
 log = logging.getLogger("edgeseg.convert")
@@ -55,7 +56,8 @@ class SourceModel:
 def load_source(source, *, labels: list[str] | None = None, preprocess: Preprocess | None = None,
                 input_size: tuple[int, int] | None = None, model_args: dict | None = None) -> SourceModel:
     """Resolve what the user named into a SourceModel (see the module docstring for the forms)."""
-    src = _load(source, model_args or {})
+    with progress.phase("load model"):
+        src = _load(source, model_args or {}, labels)
     if preprocess is not None:
         src.preprocess = preprocess
     if input_size is not None:
@@ -69,7 +71,7 @@ def load_source(source, *, labels: list[str] | None = None, preprocess: Preproce
     return src
 
 
-def _load(source, model_args: dict) -> SourceModel:
+def _load(source, model_args: dict, labels: list[str] | None = None) -> SourceModel:
     import torch
 
     if isinstance(source, SourceModel):
@@ -95,9 +97,13 @@ def _load(source, model_args: dict) -> SourceModel:
         return _from_torch_file(path)
     if ":" in text and not os.sep in text.split(":")[0]:
         return _from_factory(text, model_args)
+    from edgeseg import models
+
+    if text in models.available():
+        return _from_zoo(text, model_args, labels)
     raise ConversionError(
-        f"cannot find model {text!r}: not a file, not 'default', not 'package.module:factory'. "
-        "Pass a checkpoint (.pt), TorchScript, ONNX file, or a factory"
+        f"cannot find model {text!r}: no such file and no such model name; {models.suggest(text)}; "
+        "or pass a checkpoint (.pt), TorchScript or ONNX file, or a factory package.module:function"
     )
 
 
@@ -161,17 +167,33 @@ def _from_onnx(path: Path) -> SourceModel:
     return src
 
 
+def _from_zoo(name: str, model_args: dict, labels: list[str] | None) -> SourceModel:
+    from edgeseg import models
+
+    kwargs = dict(model_args)
+    num_classes = int(kwargs.pop("num_classes", len(labels) if labels else 21))
+    try:
+        model = models.create(name, num_classes=num_classes, **kwargs)
+    except TypeError as e:
+        raise ConversionError(f"model {name} does not take the options {sorted(kwargs)}: {e}") from None
+    warnings.warn(f"{name} is converted with untrained weights: its masks mean nothing until it is trained "
+                  f"(`edgeseg train --model {name} ...`, then convert the checkpoint); this checks the export and the speed")
+    return SourceModel(name, model.eval(), sha256=_state_hash(model), info={"architecture": model.edgeseg_arch})
+
+
 def _from_factory(spec: str, model_args: dict) -> SourceModel:
     import torch
 
     module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConversionError(f"cannot import {module_name!r} for factory {spec!r}: {e}") from None
+    module = _import_from_cwd(module_name, spec)
     factory = getattr(module, attr, None)
     if factory is None:
-        raise ConversionError(f"{module_name} has no attribute {attr!r}")
+        import difflib
+
+        public = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n, None))]
+        close = difflib.get_close_matches(attr, public, n=3, cutoff=0.6)
+        raise ConversionError(f"{module_name} has no attribute {attr!r}"
+                              + (f"; did you mean {' or '.join(f'{module_name}:{c}' for c in close)}?" if close else ""))
     model = factory(**model_args) if callable(factory) and not isinstance(factory, torch.nn.Module) else factory
     if not isinstance(model, torch.nn.Module):
         raise ConversionError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
@@ -180,6 +202,34 @@ def _from_factory(spec: str, model_args: dict) -> SourceModel:
     if isinstance(pre, Preprocess):
         src.preprocess = pre
     return src
+
+
+def _import_from_cwd(module_name: str, spec: str):
+    """Import the factory's module with the current folder importable, as `python -m` and uvicorn do
+    (the `edgeseg` script's own folder is on sys.path instead)."""
+    import sys
+
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        top = module_name.split(".")[0]
+        if e.name and module_name.startswith(e.name):
+            raise ConversionError(
+                f"cannot import {module_name!r} for factory {spec!r}: no module {e.name!r} in {cwd} or on the Python path; "
+                f"run from the folder that holds {top}/ (or {top}.py), or add that folder to PYTHONPATH"
+            ) from None
+        raise ConversionError(f"cannot import {module_name!r} for factory {spec!r}: {e}; install the package it needs") from None
+    except ImportError as e:
+        raise ConversionError(f"cannot import {module_name!r} for factory {spec!r}: {e}") from None
+    except Exception as e:  # the user's module failed while importing: say where, not a traceback of ours
+        raise ConversionError(f"importing {module_name!r} for factory {spec!r} failed: {type(e).__name__}: {_first_line(e)}") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
 
 
 def _state_hash(model) -> str:
@@ -199,7 +249,7 @@ def _count_classes(src: SourceModel) -> int:
     dims = [d.dim_value for d in m.graph.output[0].type.tensor_type.shape.dim]
     if len(dims) >= 2 and dims[1] > 0:
         return dims[1] if len(dims) == 4 else int(dims[1])
-    raise ConversionError(f"cannot tell the number of classes of {src.onnx_path}; pass labels=[...] / --labels")
+    raise ConversionError(f"cannot tell the number of classes of {src.onnx_path}; name the labels with {option('labels')}")
 
 
 # -- export --------------------------------------------------------------------------------
@@ -285,7 +335,8 @@ def export_onnx(model, path: str | os.PathLike, *, preprocess: Preprocess, dynam
     with atomic_path(path) as tmp:
         for which in order:
             try:
-                _run_exporter(which, wrapped, dummy, tmp, opset, dynamic, input_name, output_name)
+                with progress.phase(f"export ({which} exporter)"):
+                    _run_exporter(which, wrapped, dummy, tmp, opset, dynamic, input_name, output_name)
                 used = which
                 break
             except Exception as e:  # each exporter fails in its own way; keep the messages
@@ -300,7 +351,8 @@ def export_onnx(model, path: str | os.PathLike, *, preprocess: Preprocess, dynam
         _rename_io(m, input_name, output_name)
         simplified = False
         if simplify:
-            m, simplified = _simplify(m)
+            with progress.phase("simplify (onnxsim)"):
+                m, simplified = _simplify(m)
         meta = {"preprocess": preprocess.to_dict(), **(metadata or {})}
         if fold_normalization:
             meta["preprocess"] = preprocess.replace(dtype="uint8").to_dict()
@@ -441,7 +493,8 @@ def _import_onnx(src_path: Path, dst: Path, simplify: bool, meta: dict, pre: Pre
     m = onnx.load(str(src_path))
     simplified = False
     if simplify:
-        m, simplified = _simplify(m)
+        with progress.phase("simplify (onnxsim)"):
+            m, simplified = _simplify(m)
     existing = {p.key: p.value for p in m.metadata_props}
     merged = json.loads(existing.get(META_KEY, "{}"))
     merged.update(meta)

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from edgeseg import progress
 from edgeseg.spec import Preprocess
 
 
@@ -61,7 +62,8 @@ def check_parity(reference, test, pre: Preprocess, frames: int | list[np.ndarray
     """Run both models on the same preprocessed frames and aggregate `compare` over them."""
     imgs = parity_frames(pre, frames) if isinstance(frames, int) else frames
     ref_run, test_run = _runner(reference), _runner(test)
-    stats = [compare(ref_run(pre.apply(f)), test_run(pre.apply(f)), output_kind) for f in imgs]
+    stats = [compare(ref_run(pre.apply(f)), test_run(pre.apply(f)), output_kind)
+             for f in progress.iterate(imgs, "parity check", unit="frames")]
     out = {"frames": len(imgs)}
     for key in stats[0]:
         vals = [s[key] for s in stats]

@@ -21,8 +21,9 @@ _LAZY = {
     "load_bundle": ("edgeseg.bundle", "Bundle.load"),
     "convert": ("edgeseg.api", "convert"),
     "calibrate": ("edgeseg.api", "calibrate"),
-    "Segmenter": ("runtime.segmenter", "Segmenter"),
+    "Segmenter": ("edgeseg.segmenter", "Segmenter"),  # the runtime's, plus build_missing=True
     "SegmentationResult": ("runtime.postprocess", "SegmentationResult"),
+    "BatchSegmenter": ("edgeseg.cluster.batch", "BatchSegmenter"),
     "models": ("edgeseg.models", None),
     "losses": ("edgeseg.losses", None),
     "metrics": ("edgeseg.metrics", None),

@@ -25,7 +25,14 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 OUTPUT_KINDS = ("logits", "probs", "mask", "instances")
 TASKS = ("semantic-segmentation", "instance-segmentation")
-BACKENDS = ("onnxruntime", "tensorrt", "coreml")
+
+
+def backend_names() -> tuple[str, ...]:
+    """The artifact backends a manifest may name: runtime.engines.registry's table (imported late:
+    the registry is data only, but runtime.engines imports this module's neighbours)."""
+    from runtime.engines.registry import backend_names as names
+
+    return names()
 
 
 class BundleError(EdgesegError, ValueError):
@@ -85,7 +92,7 @@ class Artifact:
     """One compiled form of the model inside the bundle."""
 
     path: str  # relative to the bundle folder
-    backend: str  # onnxruntime | tensorrt | coreml
+    backend: str  # a name in runtime.engines.registry: onnxruntime | tensorrt | coreml | openvino | litert
     precision: str  # fp32 | fp16 | int8 | int8-weights | palettize4 | w8a8 ...
     sha256: str = ""
     parity: dict[str, Any] = field(default_factory=dict)  # measured against the source model
@@ -98,6 +105,9 @@ class Artifact:
         missing = {"path", "backend", "precision"} - set(d)
         if missing:
             raise BundleError(f"artifact entry {d} lacks {sorted(missing)}")
+        if d["backend"] not in backend_names():
+            raise BundleError(f"artifact {d['path']!r} names backend {d['backend']!r}, which this edgeseg does not know "
+                              f"(known: {', '.join(backend_names())}); upgrade edgeseg or re-create the bundle")
         known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -240,7 +250,9 @@ class Bundle:
             want = f"{backend}/{precision}" if precision else backend
             raise BundleError(f"bundle {self.path} has no {want} artifact (it has: {have})")
         order = ["fp32", "fp16", "int8"]
-        preferred = {"onnxruntime": "cpu", "tensorrt": "tensorrt"}.get(backend)
+        from runtime.engines.registry import get_backend
+
+        preferred = get_backend(backend).quant_target if backend in backend_names() else None
         return sorted(found, key=lambda a: (order.index(a.precision) if a.precision in order else len(order),
                                             a.target not in (None, preferred)))[0]
 

@@ -16,7 +16,7 @@ import sys
 import warnings
 
 from edgeseg import progress
-from edgeseg.errors import USER_ERRORS
+from edgeseg.errors import USER_ERRORS, use_flags
 
 COMMANDS = {
     "demo": "convert the default model and stream a synthetic clip through the runtime",
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_console(verbose=args.verbose, quiet=args.quiet or getattr(args, "json", None) is True)
+    use_flags(True)  # messages name --flags, not the Python keywords behind them
     try:
         status = int(module.run(args) or 0)
         sys.stdout.flush()  # inside the try: a reader that left shows here, not at interpreter exit
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"edgeseg {args.command}: error: {e}", file=sys.stderr)
             return 2
         raise
+    finally:
+        use_flags(False)
 
 
 OUR_PACKAGES = ("edgeseg", "converters", "calibration", "runtime")
@@ -128,7 +131,9 @@ def setup_console(verbose: bool = False, quiet: bool = False) -> None:
     root.addHandler(_ConsoleHandler(verbose))
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:
-        logging.getLogger("torch").setLevel(logging.ERROR)  # torch installs a handler of its own there
+        # torch logs through a handler of its own, set up when it is imported: errors only
+        os.environ.setdefault("TORCH_LOGS", "-torch")
+        logging.getLogger("torch").setLevel(logging.ERROR)
         # OpenCV's and FFmpeg's C++ logging (read when cv2 / a capture first starts); our own
         # errors say what went wrong and what to do
         os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")

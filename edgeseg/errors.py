@@ -20,3 +20,21 @@ class ConversionError(EdgesegError, RuntimeError):
 
 
 USER_ERRORS: tuple[type[BaseException], ...] = (EdgesegError, FileNotFoundError)
+
+
+# Messages name options the way the user gave them: `--eval-data` on the command line (the CLI
+# calls `use_flags()`), `eval_data=` from Python.
+_FLAGS = False
+
+
+def use_flags(on: bool = True) -> None:
+    global _FLAGS
+    _FLAGS = bool(on)
+
+
+def option(name: str, flag: str | None = None) -> str:
+    """How a message names keyword `name`: '--eval-data' on the command line, 'eval_data=' in
+    Python; `flag` where the command line spells it differently (calib_method -> '--method')."""
+    if _FLAGS:
+        return flag or "--" + name.replace("_", "-")
+    return f"{name}="

@@ -48,6 +48,7 @@ class _State:
     enabled: bool | None = None  # None: only when the stream is a terminal
     stream: TextIO | None = None  # None: sys.stderr at the time of use
     third_party = False  # let other libraries' output through quiet_third_party()
+    open_bars = 0  # bars drawn now: one opened inside another is erased when it ends
     lock = threading.Lock()
 
 
@@ -148,7 +149,11 @@ class _TqdmBar(Bar):
 
     def __init__(self, desc: str, total: int | None, unit: str, rate_label: str | None):
         cls = _tqdm_class(rate_label or f"{unit}/s")
-        self._bar = cls(total=total, desc=desc, unit=unit, file=_stream(), leave=True, **_size(),
+        with _State.lock:
+            outermost = _State.open_bars == 0
+            _State.open_bars += 1
+        self._closed = False
+        self._bar = cls(total=total, desc=desc, unit=unit, file=_stream(), leave=outermost, **_size(),
                         mininterval=0.25, disable=False, bar_format=self._format(total))
 
     def _format(self, total) -> str:
@@ -171,7 +176,11 @@ class _TqdmBar(Bar):
         self._bar.refresh()
 
     def close(self) -> None:
-        self._bar.close()
+        if not self._closed:
+            self._closed = True
+            self._bar.close()
+            with _State.lock:
+                _State.open_bars -= 1
 
 
 def bar(desc: str, total: int | None = None, unit: str = "steps", rate_label: str | None = None) -> Bar:
@@ -198,6 +207,9 @@ def phase(desc: str) -> Iterator[None]:
     if not enabled():
         yield
         return
+    with _State.lock:
+        outermost = _State.open_bars == 0
+        _State.open_bars += 1
     t = _tqdm_class("")(total=None, desc=desc, file=_stream(), leave=False, **_size(), bar_format="{desc} ... {elapsed}",
             disable=False)
     stop = threading.Event()
@@ -217,7 +229,9 @@ def phase(desc: str) -> Iterator[None]:
         stop.set()
         ticker.join()
         t.close()
-        if ok:
+        with _State.lock:
+            _State.open_bars -= 1
+        if ok and outermost:
             write(f"{desc}  done in {time.perf_counter() - t0:.1f} s")
 
 

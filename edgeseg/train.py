@@ -266,6 +266,23 @@ def train_default(out: str | Path = DEFAULT_CHECKPOINT, recipe: dict | None = No
     return figures
 
 
+def _default_to_fine_tune(num_classes: int, kwargs: dict):
+    """The embedded model's architecture and weights; layers whose shape depends on the number of
+    classes (the classifier) start fresh when the dataset has another count than its 5."""
+    from edgeseg import models
+
+    if kwargs:
+        raise TrainError(f"the default model has a fixed architecture; drop --model-arg / --backbone-weights ({sorted(kwargs)}), "
+                         "or train a zoo architecture that takes them")
+    ckpt = models.read_checkpoint(DEFAULT_CHECKPOINT)
+    arch = ckpt["arch"]
+    net = models.create(arch["name"], num_classes=num_classes, **arch.get("kwargs", {}))
+    own = net.state_dict()
+    fits = {k: v for k, v in ckpt["state_dict"].items() if k in own and own[k].shape == v.shape}
+    net.load_state_dict(fits, strict=False)
+    return net
+
+
 class TrainError(EdgesegError, ValueError):
     """A training request that cannot run as given (mismatched resume, unknown option, ...)."""
 
@@ -343,7 +360,7 @@ def train_model(model: str | None, data, *, out: str | Path, val_data=None, loss
         if not state:
             raise TrainError(f"{resume} holds no training state (it was not written by `edgeseg train`); "
                              "start a new run with --model and fine-tune from its weights instead")
-        if model and model != ckpt["arch"]["name"]:
+        if model and model not in (ckpt["arch"]["name"], models.DEFAULT):
             raise TrainError(f"--model {model} differs from the checkpoint's {ckpt['arch']['name']}; drop --model to resume")
     settings = {k: (v if v is not None else state.get("settings", {}).get(k, _SETTINGS_DEFAULTS[k])) for k, v in given.items()}
     settings["size"] = tuple(int(v) for v in settings["size"])
@@ -386,13 +403,13 @@ def train_model(model: str | None, data, *, out: str | Path, val_data=None, loss
         net.load_state_dict(ckpt["state_dict"])
     else:
         if not model:
-            raise TrainError(f"name a model with --model; available: {', '.join(models.available())}")
+            raise TrainError(f"name a model with --model; available: {', '.join(models.names())}")
         kwargs = dict(model_kwargs or {})
         if backbone_weights:
             kwargs["backbone_weights"] = str(backbone_weights)
         torch.manual_seed(settings["seed"])  # the initial weights are part of the run's reproducibility
         try:
-            net = models.create(model, num_classes=num_classes, **kwargs)
+            net = _default_to_fine_tune(num_classes, kwargs) if model == models.DEFAULT else models.create(model, num_classes=num_classes, **kwargs)
         except TypeError as e:
             raise TrainError(f"model {model} does not take these options {sorted(kwargs)}: {e}") from None
         except (ValueError, RuntimeError) as e:

@@ -241,6 +241,7 @@ class SegmentationResult:
     frame: np.ndarray | None = field(default=None, repr=False)
     frame_index: int = 0
     timestamp: float | None = None
+    frame_name: str | None = None  # the image file the frame came from, for sinks that keep names
     timings: dict = field(default_factory=dict)
     background: int | None = 0
     hidden: frozenset = frozenset()  # classes removed by keep/ignore (shown as background)

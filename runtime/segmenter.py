@@ -28,8 +28,9 @@ from edgeseg.spec import check_frame
 from runtime.engines.base import open_engine, resolve_backend
 from runtime.pipeline import STAGE_NICE, Pipeline, Work, check_stage_nice
 from runtime.postprocess import Postprocessor, SegmentationResult
-from runtime.sinks import DisplaySink, ServerSink, Sink, open_sink, parse_host_port
-from runtime.sources import Source, open_source
+from runtime.legend import Legend
+from runtime.sinks import DisplaySink, ImageFileSink, ServerSink, Sink, SinkError, VideoSink, open_sink, parse_host_port
+from runtime.sources import ImageSource, Source, open_source
 from runtime.stats import Stats
 
 log = logging.getLogger("edgeseg.runtime")
@@ -90,26 +91,34 @@ class Stream:
 class Segmenter:
     """Bundle + engine + postprocessing.
 
-    bundle: a bundle folder or `edgeseg.bundle.Bundle`. backend: auto | onnxruntime | tensorrt |
-    coreml (`auto` picks TensorRT when it and a GPU are present, else ONNX Runtime; `.backend` and
-    `.backend_reason` say which and why). precision: the artifact to use (fp32, fp16, int8...).
+    bundle: a bundle folder or `edgeseg.bundle.Bundle`. backend: auto or a name in
+    runtime.engines.registry (`auto` picks TensorRT when it, a GPU and an engine built for it are
+    present, else the next the registry names, down to ONNX Runtime; `.backend` and
+    `.backend_reason` say which and why). The runtime opens what the bundle holds;
+    `edgeseg.Segmenter(..., build_missing=True)` also builds a missing TensorRT engine. precision: the artifact to use (fp32, fp16, int8...).
     smoothing / keep / ignore / threshold / scores / fill: see runtime.postprocess.Postprocessor.
-    engine_options go to the engine (ONNX Runtime: threads=, providers=).
+    engine_options go to the engine (ONNX Runtime: threads=, providers=). engine: an engine opened
+    already (its `backend` attribute names it); then backend/engine_options are not used.
     """
 
     def __init__(self, bundle, backend: str = "auto", precision: str | None = None, smoothing: float = 0.0,
                  keep=None, ignore=None, threshold: float | None = None, scores: bool = False, fill: int | None = None,
-                 **engine_options):
+                 engine=None, backend_reason: str | None = None, **engine_options):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         m = self.bundle.manifest
         if m.task != "semantic-segmentation":
             raise EdgesegError(f"bundle {self.bundle.path} is a {m.task!r} model; Segmenter runs semantic-segmentation bundles")
-        self.backend, self.backend_reason = resolve_backend(backend, self.bundle)
+        if engine is not None:
+            self.backend, self.backend_reason = engine.backend, backend_reason or "engine given"
+        else:
+            self.backend, self.backend_reason = resolve_backend(backend, self.bundle, precision)
         log.info("backend %s (%s)", self.backend, self.backend_reason)
-        if self.backend == "onnxruntime":
-            # idle ORT threads spin for work by default, taking the CPU the other stages need
-            engine_options.setdefault("spinning", False)
-        self.engine = open_engine(self.bundle, self.backend, precision, **engine_options)
+        if engine is None:
+            if self.backend == "onnxruntime":
+                # idle ORT threads spin for work by default, taking the CPU the other stages need
+                engine_options.setdefault("spinning", False)
+            engine = open_engine(self.bundle, self.backend, precision, **engine_options)
+        self.engine = engine
         self.precision = getattr(self.engine, "precision", precision)
         self.preprocess = m.preprocess
         self.labels, self.palette = list(m.labels), [list(c) for c in m.palette]
@@ -165,7 +174,7 @@ class Segmenter:
     def stream(self, source, show: bool = False, save=None, serve=None, max_frames: int | None = None,
                stats_path=None, callback: Callable[[SegmentationResult], object] | None = None,
                alpha: float = 0.5, mode: str = "blend", render: Callable[[SegmentationResult], np.ndarray] | None = None,
-               sinks: list | None = None, cv2_threads: int | None = 1, queue_size: int = 2,
+               legend: bool = False, sinks: list | None = None, cv2_threads: int | None = 1, queue_size: int = 2,
                stage_nice: int = STAGE_NICE, **source_options) -> Iterator[SegmentationResult]:
         """Segment a source (URI, path, camera index or `Source`) with capture, preprocessing,
         inference and postprocessing overlapping in threads; yields results in order.
@@ -174,6 +183,7 @@ class Segmenter:
         "HOST:PORT" (or a port) for the browser view. stats_path: stats.json, rewritten every
         few seconds and at the end. callback(result) runs for each result (return False to stop).
         render(result) -> BGR image for the sinks (default: result.overlay(alpha=, mode=)).
+        legend: draw the classes present, their colours and pixel shares onto it (runtime.legend).
         cv2_threads: OpenCV threads while streaming (restored after): the stages already run in
         parallel, and OpenCV's own pool would only contend with the engine's threads.
         stage_nice: how much lower than the engine the other stages run (0: same priority; see
@@ -190,6 +200,7 @@ class Segmenter:
             src = source if isinstance(source, Source) else open_source(source, **source_options)
             if save:
                 opened.append(open_sink(save, fps=src.fps or 30.0))
+                _check_images_out(src, opened[-1])
             if serve:
                 host, port = parse_host_port(serve)
                 opened.append(ServerSink(host, port, title=f"edgeseg · {self.bundle.manifest.model.get('name') or self.bundle.path.name}"))
@@ -200,10 +211,11 @@ class Segmenter:
             if src is not None and not isinstance(source, Source):
                 src.close()
             raise
-        gen = self._stream(src, opened, max_frames, stats_path, callback, alpha, mode, render, cv2_threads, pipeline_options)
+        gen = self._stream(src, opened, max_frames, stats_path, callback, alpha, mode, render, legend, cv2_threads,
+                           pipeline_options)
         return Stream(gen, src, opened, own_source=not isinstance(source, Source))
 
-    def _stream(self, src: Source, sinks: list[Sink], max_frames, stats_path, callback, alpha, mode, render,
+    def _stream(self, src: Source, sinks: list[Sink], max_frames, stats_path, callback, alpha, mode, render, legend,
                 cv2_threads, pipeline_options: dict) -> Iterator[SegmentationResult]:
         stats = Stats()
         self._stats_info(stats)
@@ -211,6 +223,9 @@ class Segmenter:
         post = Postprocessor.from_manifest(self.bundle.manifest, **self._post_options)
         servers = [s for s in sinks if isinstance(s, ServerSink)]
         draw = render or (lambda r: r.overlay(alpha=alpha, mode=mode))
+        if legend:
+            plain, annotator = draw, Legend()
+            draw = lambda r: annotator.annotate(plain(r), r)  # noqa: E731
         stats_path = Path(stats_path) if stats_path else None
 
         def preprocess(w: Work):
@@ -221,6 +236,7 @@ class Segmenter:
 
         def postprocess(w: Work):
             r = post(w.data, w.frame.image.shape[:2], frame=w.frame.image, frame_index=w.frame.index, timestamp=w.frame.timestamp)
+            r.frame_name = w.frame.name
             r.timings.pop("postprocess", None)  # the pipeline times the whole stage
             return r
 
@@ -312,6 +328,19 @@ class Segmenter:
     def __repr__(self) -> str:
         return (f"Segmenter({str(self.bundle.path)!r}, backend={self.backend!r} ({self.backend_reason}), "
                 f"precision={self.precision!r}, classes={len(self.labels)}, input={self.preprocess.size})")
+
+
+def _check_images_out(src: Source, sink: Sink) -> None:
+    """Images in, images out: one image gives one image, a folder of them a folder."""
+    if not isinstance(src, ImageSource) or src.loop:
+        return
+    n = len(src.paths)
+    if n == 1 and isinstance(sink, VideoSink):
+        raise SinkError(f"the source is one image ({src.uri}): write an image (such as result.png) or a folder "
+                        f"(such as results/, where it keeps its name), not the video {sink.uri}")
+    if n > 1 and isinstance(sink, ImageFileSink):
+        raise SinkError(f"the source has {n} images and {sink.uri} would keep only the last: write a folder "
+                        f"(such as {Path(sink.uri).with_suffix('')}/, where each keeps its name) or a video (such as overlay.mp4)")
 
 
 __all__ = ["Segmenter", "SegmentationResult", "Stream"]

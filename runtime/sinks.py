@@ -2,9 +2,14 @@
 
     display://0                  an OpenCV window (needs a display: $DISPLAY / $WAYLAND_DISPLAY)
     out.mp4, out.avi, out.webm   a video file (written under a temporary name, renamed on close)
-    frames/, "frames/%05d.png"   an image folder (one file per frame, each written atomically)
+    frames/, "frames/%05d.png"   an image folder (one file per frame, each written atomically;
+                                 frames read from image files keep their names)
     result.png                   one image file, overwritten with the latest frame
     http://127.0.0.1:8080        the browser view (MJPEG + live timings, runtime/server.py)
+
+.mp4, .m4v, .mov and .mkv are H.264 (libx264 through PyAV, the `av` package), which browsers and
+phones play; without PyAV they fall back to OpenCV's MPEG-4 Part 2 (mp4v), which they do not,
+and say so. `VideoSink.codec` tells which was used.
 """
 from __future__ import annotations
 
@@ -22,7 +27,9 @@ from edgeseg.errors import EdgesegError
 
 log = logging.getLogger("edgeseg.runtime")
 
-VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG", ".webm": "VP80"}
+VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "mp4v", ".avi": "MJPG", ".webm": "VP80"}  # OpenCV's
+H264_CONTAINERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}  # written with PyAV when present
+H264_OPTIONS = {"crf": "23", "preset": "ultrafast"}  # ultrafast: about OpenCV mp4v's cost per frame (benchmarks/video_writer.py)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -98,10 +105,58 @@ class DisplaySink(Sink):
 
 
 # -- files -----------------------------------------------------------------------------------------
+def h264_encoder() -> tuple[str | None, str]:
+    """(PyAV's H.264 encoder name or None, why not)."""
+    try:
+        import av
+    except ImportError:
+        return None, "PyAV is not installed (pip install av)"
+    for name in ("libx264", "h264", "libopenh264"):
+        try:
+            av.codec.Codec(name, "w")
+            return name, "ok"
+        except Exception:  # this FFmpeg build lacks it
+            continue
+    return None, "this PyAV's FFmpeg has no H.264 encoder"
+
+
+class _AvWriter:
+    """H.264 in an MP4/MOV/MKV container through PyAV; `write(bgr)`, `release()`."""
+
+    def __init__(self, path: Path, container: str, encoder: str, fps: float, size: tuple[int, int]):
+        from fractions import Fraction
+
+        import av
+
+        options = {"movflags": "+faststart"} if container in ("mp4", "mov") else {}  # playable while downloading
+        self._out = av.open(str(path), "w", format=container, options=options)
+        self._stream = self._out.add_stream(encoder, rate=Fraction(fps).limit_denominator(1001))
+        self._stream.width, self._stream.height = size
+        self._stream.pix_fmt = "yuv420p"  # what every player decodes
+        if encoder == "libx264":
+            self._stream.options = dict(H264_OPTIONS)
+        # one encoder thread: the engine keeps the other cores
+        self._stream.codec_context.thread_count = 1
+        self._frame = av.VideoFrame
+
+    def write(self, image: np.ndarray) -> None:
+        for packet in self._stream.encode(self._frame.from_ndarray(image, format="bgr24")):
+            self._out.mux(packet)
+
+    def release(self) -> None:
+        try:
+            for packet in self._stream.encode():
+                self._out.mux(packet)
+        finally:
+            self._out.close()
+
+
 class VideoSink(Sink):
-    """cv2.VideoWriter into `.<name>.partial-<pid><ext>` beside the target, renamed to the target on
-    close: a half-written file never appears under the final name. Opens on the first frame (the
-    size is known then); later frames of another size are resized to it."""
+    """A video file written into `.<name>.partial-<pid><ext>` beside the target and renamed to the
+    target on close: a half-written file never appears under the final name. Opens on the first
+    frame (the size is known then); later frames of another size are resized to it. H.264 through
+    PyAV for .mp4/.m4v/.mov/.mkv (odd sizes lose their last row or column: yuv420p needs even
+    ones), else cv2.VideoWriter with `fourcc` (default by extension, VIDEO_CODECS)."""
 
     def __init__(self, path: str | os.PathLike, fps: float = 30.0, fourcc: str | None = None):
         self.path = Path(path)
@@ -110,30 +165,50 @@ class VideoSink(Sink):
         if ext not in VIDEO_CODECS and fourcc is None:
             raise SinkError(f"cannot write {path}: unknown video extension {ext!r}; use one of {sorted(VIDEO_CODECS)}")
         self.fourcc = fourcc or VIDEO_CODECS[ext]
+        self._encoder = None
+        if fourcc is None and ext in H264_CONTAINERS:
+            self._encoder, why = h264_encoder()
+            if self._encoder is None:
+                log.warning("%s: %s, so it is written as MPEG-4 Part 2 (mp4v), which browsers and phones do not play; "
+                            "install av for H.264", self.path.name, why)
+        self.codec = f"H.264, {self._encoder}" if self._encoder else f"{self.fourcc}, OpenCV"
         self.fps = float(fps) if fps and fps > 0 else 30.0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_dir():
             raise SinkError(f"cannot write {path}: it is a folder; name a file such as {self.path / 'overlay.mp4'}")
         self.tmp = self.path.with_name(f".{self.path.stem}.partial-{os.getpid()}-{id(self):x}{self.path.suffix}")
-        self._writer: cv2.VideoWriter | None = None
+        self._writer = None
         self._size: tuple[int, int] | None = None
         self.frames = 0
         self._lock = threading.Lock()
+
+    def _open(self, w: int, h: int):
+        if self._encoder:
+            w, h = w - w % 2, h - h % 2
+            try:
+                writer = _AvWriter(self.tmp, H264_CONTAINERS[self.path.suffix.lower()], self._encoder, self.fps, (w, h))
+            except Exception as e:  # an FFmpeg that refuses the options or the size
+                _unlink(self.tmp)
+                raise SinkError(f"cannot write {self.path}: the H.264 encoder did not start ({e}); use .avi (MJPG)") from None
+            return writer, (w, h)
+        writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (w, h))
+        if not writer.isOpened():
+            writer.release()
+            _unlink(self.tmp)
+            raise SinkError(f"cannot write {self.path}: OpenCV has no {self.fourcc} encoder for {self.path.suffix}; "
+                            "use .mp4 or .avi (MJPG)")
+        return writer, (w, h)
 
     def write(self, image, result=None) -> None:
         with self._lock:
             h, w = image.shape[:2]
             if self._writer is None:
-                self._writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (w, h))
-                if not self._writer.isOpened():
-                    self._writer.release()
-                    self._writer = None
-                    _unlink(self.tmp)
-                    raise SinkError(f"cannot write {self.path}: OpenCV has no {self.fourcc} encoder for {self.path.suffix}; "
-                                    "use .mp4 (mp4v) or .avi (MJPG)")
-                self._size = (w, h)
+                self._writer, self._size = self._open(w, h)
             if (w, h) != self._size:
-                image = cv2.resize(image, self._size, interpolation=cv2.INTER_AREA)
+                if w >= self._size[0] and h >= self._size[1] and (w - self._size[0], h - self._size[1]) <= (1, 1):
+                    image = image[: self._size[1], : self._size[0]]  # the odd row or column H.264 cannot take
+                else:
+                    image = cv2.resize(image, self._size, interpolation=cv2.INTER_AREA)
             self._writer.write(np.ascontiguousarray(image))
             self.frames += 1
 
@@ -145,7 +220,7 @@ class VideoSink(Sink):
             writer.release()
             if self.frames and self.tmp.exists():
                 os.replace(self.tmp, self.path)
-                log.info("wrote %s (%d frames)", self.path, self.frames)
+                log.info("wrote %s (%d frames, %s)", self.path, self.frames, self.codec)
             else:
                 _unlink(self.tmp)
 
@@ -167,12 +242,15 @@ def _write_image_atomic(path: Path, image: np.ndarray) -> None:
 
 
 class ImageFolderSink(Sink):
-    """One image per frame: `folder/000000.jpg`... or a printf pattern such as `out/%05d.png`."""
+    """One image per frame into a folder: under the frame's own file name when it was read from
+    an image file (`frame_0042.png` in, `folder/frame_0042.png` out), else `000000.jpg`...; or
+    numbered by a printf pattern such as `out/%05d.png`."""
 
     def __init__(self, target: str | os.PathLike, ext: str = ".jpg", start: int = 0):
         target = str(target)
         self.uri = target
-        if "%" in Path(target).name:
+        self.numbered = "%" in Path(target).name
+        if self.numbered:
             self.folder, self.pattern = Path(target).parent, Path(target).name
             try:
                 self.pattern % 0
@@ -186,8 +264,18 @@ class ImageFolderSink(Sink):
         self.folder.mkdir(parents=True, exist_ok=True)
         self.index = int(start)
 
+    def _name(self, result) -> str:
+        name = getattr(result, "frame_name", None)
+        if name and not self.numbered:
+            name = Path(name).name  # never a path: only a file name, inside this folder
+            if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                name += ".png"  # an input OpenCV reads but cannot write (.ppm, .jp2 ...)
+            if name not in ("", ".", ".."):
+                return name
+        return self.pattern % self.index
+
     def write(self, image, result=None) -> None:
-        _write_image_atomic(self.folder / (self.pattern % self.index), image)
+        _write_image_atomic(self.folder / self._name(result), image)
         self.index += 1
 
 
@@ -272,4 +360,4 @@ def open_sink(uri, fps: float = 30.0, **opts) -> Sink:
 
 
 __all__ = ["Sink", "SinkError", "DisplaySink", "VideoSink", "ImageFolderSink", "ImageFileSink", "ServerSink",
-           "open_sink", "display_available", "parse_host_port"]
+           "open_sink", "display_available", "parse_host_port", "h264_encoder"]

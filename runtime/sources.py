@@ -11,10 +11,11 @@ URIs:
     rtsp://host/stream, http(s)://host/stream     a network stream (live; reconnects with backoff)
     images/, "images/*.png", photo.jpg            an image folder, a glob, a single image
     synthetic://?frames=300&width=640&height=360&seed=7&static=0&noise=3
-                                                  generated scenes (frames=0: endless; live=1&fps=30
-                                                  paces it like a camera)
+                                                  generated scenes (frames=0: endless; loop=1 replays
+                                                  the clip; live=1&fps=30 paces it like a camera)
 
-`Source.live` says how the pipeline treats it: live sources are latency-first (stale frames are
+`Source.frame_count` is the number of frames a source will deliver when known (None for live,
+looping or endless sources). `Source.live` says how the pipeline treats it: live sources are latency-first (stale frames are
 dropped so the newest is processed), files and folders are throughput-first (every frame).
 Timestamps are seconds: wall-clock capture time (time.time()) for live sources, position in the
 media (index / fps) otherwise. A frame that cannot be decoded is skipped and counted in
@@ -47,12 +48,13 @@ STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "rtp", "srt",
 
 @dataclass
 class Frame:
-    """One captured frame. image: HxWx3 uint8 BGR."""
+    """One captured frame. image: HxWx3 uint8 BGR. name: the file it was read from (image sources)."""
 
     image: np.ndarray
     index: int
     timestamp: float
     live: bool
+    name: str | None = None
 
     def __repr__(self) -> str:
         return f"Frame(index={self.index}, timestamp={self.timestamp:.3f}, size={self.image.shape[:2]}, live={self.live})"
@@ -63,6 +65,7 @@ class Source:
 
     live: bool = False
     uri: str = ""
+    frame_count: int | None = None
 
     def __init__(self):
         self.fps: float | None = None
@@ -109,14 +112,14 @@ class Source:
             pass
 
     # -- helpers ------------------------------------------------------------------------------
-    def _frame(self, image: np.ndarray, timestamp: float | None = None) -> Frame:
+    def _frame(self, image: np.ndarray, timestamp: float | None = None, name: str | None = None) -> Frame:
         if self.size is None:
             self.size = tuple(image.shape[:2])
         index = self.frames_read
         self.frames_read += 1
         if timestamp is None:
             timestamp = time.time() if self.live else index / (self.fps or 30.0)
-        return Frame(image, index, timestamp, self.live)
+        return Frame(image, index, timestamp, self.live, name)
 
     @staticmethod
     def _valid(image) -> bool:
@@ -237,7 +240,7 @@ class VideoFileSource(_CaptureSource):
         self._props(self._cap)
         self.fps = self.fps or 30.0
         count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT))
-        self.frame_count = count if count > 0 else None
+        self.frame_count = count if count > 0 and not self.loop else None  # FFmpeg's estimate
 
     def read(self) -> Frame | None:
         # A failed read is either the end of the file or an undecodable frame inside it; it only
@@ -392,6 +395,7 @@ class ImageSource(Source):
         super().__init__()
         self.uri, self.paths, self.loop = uri, list(paths), bool(loop)
         self.fps = float(fps)
+        self.frame_count = None if self.loop else len(self.paths)
         self._i = 0
 
     def read(self) -> Frame | None:
@@ -408,7 +412,7 @@ class ImageSource(Source):
                 self._skip_corrupt(f"cannot read {path}")
                 failed_pass += 1
                 continue
-            return self._frame(image)
+            return self._frame(image, name=os.path.basename(path))
         return None
 
 
@@ -423,14 +427,15 @@ class SyntheticSource(Source):
 
     def __init__(self, uri: str, frames: int = 300, width: int = 640, height: int = 360, seed: int = 7,
                  static: bool = False, noise: float = 3.0, objects: int = 5, speed: float = 2.5,
-                 fps: float = 30.0, live: bool = False, **_):
+                 fps: float = 30.0, live: bool = False, loop: bool = False, **_):
         super().__init__()
         from edgeseg.data.synthetic import SyntheticClip
 
         frames, width, height = int(frames), int(width), int(height)
         if frames < 0 or width < 16 or height < 16:
             raise SourceError(f"{uri}: need frames >= 0 (0: endless) and width, height >= 16")
-        self.uri, self.live, self.fps, self.size = uri, bool(live), float(fps), (height, width)
+        self.uri, self.live, self.fps, self.size, self.loop = uri, bool(live), float(fps), (height, width), bool(loop)
+        self.frame_count = frames if frames and not self.loop else None
         self.clip = SyntheticClip(size=(height, width), frames=frames or None, seed=int(seed), objects=int(objects),
                                   speed=float(speed), static=bool(static), noise=float(noise))
         self._it = iter(self.clip)
@@ -451,7 +456,10 @@ class SyntheticSource(Source):
         try:
             image, self.mask = next(self._it)
         except StopIteration:
-            return None
+            if not self.loop:
+                return None
+            self._it = iter(self.clip)  # the same clip again (a seeded generator)
+            image, self.mask = next(self._it)
         return self._frame(image)
 
 
@@ -512,7 +520,7 @@ def open_source(uri, **opts) -> Source:
     if scheme == "synthetic":
         params = {k: _parse_value(v) for k, v in parse_qsl(parsed.query)}
         params.update(opts)
-        known = {"frames", "width", "height", "seed", "static", "noise", "objects", "speed", "fps", "live"}
+        known = {"frames", "width", "height", "seed", "static", "noise", "objects", "speed", "fps", "live", "loop"}
         unknown = set(params) - known
         if unknown:
             raise SourceError(f"{uri}: unknown options {sorted(unknown)}; known: {sorted(known)}")

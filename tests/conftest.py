@@ -43,7 +43,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         for marker, probe in (("gpu", _cuda_reason), ("tensorrt", _tensorrt_reason),
                               ("macos", lambda: None if platform.system() == "Darwin" else "CoreML predict needs macOS")):
-            if marker in item.keywords:
+            # the marker itself, not `item.keywords`: those also hold folder names (a checkout in gpu/)
+            if item.get_closest_marker(marker) is not None:
                 if marker not in reasons:
                     reasons[marker] = probe()
                 if reasons[marker]:

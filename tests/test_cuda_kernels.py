@@ -99,11 +99,9 @@ def test_nvcc_compiles_kernels(source, tmp_path):
 # -- GPU ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gpu():
-    from runtime.engines.tensorrt import GpuContext
+    from runtime.engines.tensorrt import gpu_context
 
-    ctx = GpuContext(0)
-    yield ctx
-    ctx.release()
+    return gpu_context(0)
 
 
 @pytest.mark.gpu

@@ -67,6 +67,7 @@ def test_engine_key_covers_everything_the_engine_depends_on():
         ct.engine_key("abc", T4, BuildOptions("fp16", workspace_mb=512)),
         ct.engine_key("abc", T4, BuildOptions("fp16", version_compatible=True)),
         ct.engine_key("abc", T4, BuildOptions("fp16", optimization_level=5)),
+        ct.engine_key("abc", T4, BuildOptions("fp16", tf32=False)),
     ]
     assert len({key, *variants}) == len(variants) + 1
     # The timing cache path and device index do not change the engine.
@@ -111,6 +112,31 @@ def test_version_and_hardware_compatible_engines():
     vc = _header(options=BuildOptions("fp16", version_compatible=True))
     assert ct.stale_reasons(vc, Target("10.9.0.34", (7, 5))) == []  # later runtime: fine
     assert ct.stale_reasons(vc, Target("10.7.0.23", (7, 5)))  # older runtime: not
+    assert ct.stale_reasons(vc, Target("11.1.0.5", (7, 5))) == []  # 10 -> 11: the step TensorRT 11 documents
+
+
+@pytest.mark.parametrize("built,runtime,ok", [
+    ("10.8.0.43", "10.8.0.43", True), ("10.8.0.43", "10.13.2.6", True), ("11.0.0.1", "11.4.0.106", True),
+    ("8.6.1.6", "10.3.0.30", True), ("8.6.1.6", "9.2.0.5", True), ("10.3.0.30", "11.1.0.5", True),
+    ("10.9.0.34", "10.8.0.43", False),  # an older runtime never
+    ("8.6.1.6", "11.1.0.5", False),  # two majors: not a documented step
+    ("11.1.0.5", "12.0.0.1", False),  # an undocumented step
+    ("9.2.0.5", "10.3.0.30", False),
+    ("8.5.3.1", "8.6.1.6", False),  # version compatibility starts with 8.6
+])
+def test_version_compatibility_rule(built, runtime, ok):
+    header = _header(target=Target(built, (8, 9)), options=BuildOptions("fp16", version_compatible=True))
+    reasons = ct.stale_reasons(header, Target(runtime, (8, 9)))
+    assert (reasons == []) is ok, reasons
+
+
+def test_fp32_engines_are_built_without_tf32():
+    assert BuildOptions("fp32").tf32 is False and BuildOptions("fp16").tf32 is True
+    assert BuildOptions("fp32").key_fields()["tf32"] is False
+    # an fp32 engine built before TF32 was part of the key (its header lacks it) is stale: TF32 was on
+    old = _header(options=BuildOptions("fp32"))
+    old.options.pop("tf32")
+    assert "tf32=None (want False)" in ct.stale_reasons(old, T4, options=BuildOptions("fp32"))[0]
     hw = _header(target=L4, options=BuildOptions("fp16", hardware_compatible=True))
     assert ct.stale_reasons(hw, Target(L4.trt_version, (8, 0), "A100")) == []
     assert "Ampere" in ct.stale_reasons(hw, T4)[0]
@@ -160,7 +186,7 @@ def test_cached_engine_reuses_valid_and_rebuilds_stale(tmp_path, monkeypatch):
         built.append((Path(src), Path(dst), options.precision, target))
         return _header(target, options, sha256_file(src))
 
-    monkeypatch.setattr(ct, "build_engine", fake_build)
+    monkeypatch.setattr(ct.builder, "build_engine", fake_build)
     got, header = ct.cached_engine(onnx_path, opts, target=T4, directory=tmp_path / "cache")
     assert got == path and header.trt_version == T4.trt_version and built == []
     # Same cache entry, but its header says another GPU built it: rebuilt in place.
@@ -347,6 +373,9 @@ class _RecordingTensorRT(types.ModuleType):
             def set_flag(self, flag):
                 rec.calls.append(("set_flag", flag.name))
 
+            def clear_flag(self, flag):
+                rec.calls.append(("clear_flag", flag.name))
+
             def set_memory_pool_limit(self, pool, size):
                 rec.calls.append(("set_memory_pool_limit", pool.name, size))
 
@@ -401,6 +430,7 @@ def test_tensorrt10_uses_precision_flags(tmp_path, monkeypatch):
     assert (tmp_path / "tc.bin").read_bytes() == b"timing-cache"
     assert "add_optimization_profile" not in _names(rt.calls)  # static input: no profile needed
     assert header.strongly_typed is False and header.precision == "int8"
+    assert ("clear_flag", "TF32") not in rt.calls  # TF32 stays TensorRT's default outside fp32 engines
     assert EngineHeader.load(ct.header_path(tmp_path / "e.engine")) == header
     assert header.engine_sha256 == sha256_file(tmp_path / "e.engine")
 
@@ -433,12 +463,14 @@ def test_dynamic_inputs_get_a_profile(tmp_path, monkeypatch):
     path = _onnx(tmp_path / "d.onnx", dynamic=True)
     with pytest.raises(ConversionError, match="dynamic axes.*--dynamic"):
         ct.build_engine(path, tmp_path / "e.engine", BuildOptions("fp32"), target=L4)
+    assert ("clear_flag", "TF32") not in rt.calls  # nothing was configured for the failed build
     shapes = {"input": [[1, 3, 64, 64], [1, 3, 256, 256], [2, 3, 512, 512]]}
     header = ct.build_engine(path, tmp_path / "e.engine", BuildOptions("fp32", shapes=shapes,
                                                                       hardware_compatible=True), target=L4)
     assert ("set_shape", "input", [1, 3, 64, 64], [1, 3, 256, 256], [2, 3, 512, 512]) in rt.calls
     assert ("hardware_compatibility_level", rt.HardwareCompatibilityLevel.AMPERE_PLUS) in rt.calls
     assert header.shapes == shapes and "set_flag" not in _names(rt.calls)
+    assert ("clear_flag", "TF32") in rt.calls and header.options["tf32"] is False  # an fp32 engine computes in fp32
     with pytest.raises(ConversionError, match="Ampere"):
         ct.build_engine(path, tmp_path / "e2.engine", BuildOptions("fp32", shapes=shapes, hardware_compatible=True), target=T4)
 

@@ -37,7 +37,9 @@ def test_api_and_backend_choice(seg, default_bundle):
 
 
 def test_lazy_public_names():
-    assert edgeseg.Segmenter is Segmenter
+    import edgeseg.segmenter
+
+    assert edgeseg.Segmenter is edgeseg.segmenter.Segmenter and issubclass(edgeseg.Segmenter, Segmenter)
     assert edgeseg.SegmentationResult is SegmentationResult
 
 

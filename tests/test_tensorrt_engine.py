@@ -81,7 +81,7 @@ def test_engine_masks_match_onnxruntime(bundle, frames, precision):
     assert art.backend == "tensorrt" and art.precision == precision and art.path.endswith(f".{precision}.engine")
     assert art.parity["mask_agreement"] >= AGREEMENT[precision]
     reloaded = Bundle.load(bundle.path)
-    engine = TensorRTEngine.from_bundle(reloaded, precision, build=False)
+    engine = TensorRTEngine.from_bundle(reloaded, precision)
     try:
         pre = reloaded.manifest.preprocess
         refs = _ort_outputs(reloaded, frames)
@@ -107,21 +107,27 @@ def test_second_build_uses_the_cache(bundle):
 
 
 def test_engine_from_another_tensorrt_is_not_loaded(bundle, caplog):
+    import edgeseg
     from converters.tensorrt import build_bundle_engine, cache_dir
+    from runtime.engines.base import EngineError, resolve_backend
     from runtime.engines.tensorrt import TensorRTEngine
 
     build_bundle_engine(bundle.path, "fp32", parity_frames=0)
     b = Bundle.load(bundle.path)
-    (art,) = b.find("tensorrt", "fp32")
-    art.info["trt_version"] = "9.0.0.1"
-    with pytest.raises(Exception, match="no TensorRT engine for this machine"):
-        TensorRTEngine.from_bundle(b, "fp32", build=False)
-    engine = TensorRTEngine.from_bundle(b, "fp32")  # rebuilt into the cache, bundle untouched
+    for art in b.find("tensorrt"):
+        art.info["trt_version"] = "9.0.0.1"
+    with pytest.raises(EngineError, match="no TensorRT engine for this machine.*9.0.0.1.*build_missing=True"):
+        TensorRTEngine.from_bundle(b, "fp32")
+    name, why = resolve_backend("auto", b)
+    assert name == "onnxruntime" and "9.0.0.1" in why
+    before = (bundle.path / "manifest.json").read_text()
+    seg = edgeseg.Segmenter(b, precision="fp32", build_missing=True)  # built into the cache, bundle untouched
     try:
-        assert engine.path.parent == cache_dir()
-        assert "not loading" in caplog.text and "9.0.0.1" in caplog.text
+        assert seg.backend == "tensorrt" and seg.engine.path.parent == cache_dir()
+        assert "into the engine cache" in seg.backend_reason
+        assert (bundle.path / "manifest.json").read_text() == before
     finally:
-        engine.close()
+        seg.close()
 
 
 def test_preprocess_kernel_feeds_the_engine_directly(bundle, frames):

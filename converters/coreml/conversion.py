@@ -16,6 +16,7 @@ from converters.coreml.metadata import set_metadata
 from converters.coreml.schemes import (DEFAULT_CALIBRATION_FRAMES, INPUT_NAME, OUTPUTS, check_target, resolve_target,
                                        scheme_for)
 from converters.coreml.validation import validate_package
+from edgeseg import progress
 from edgeseg.bundle import atomic_path
 from edgeseg.spec import Preprocess
 
@@ -143,12 +144,14 @@ class CoreMLConverter:
         if out_path.suffix != ".mlpackage":
             raise CoreMLConversionError(f"the output path must end in .mlpackage, got {out_path.name}")
         t0 = time.time()
-        mlmodel, how = self.build(precision)
+        # coremltools draws a bar per pass and prints notices of its own: shown with --verbose only
+        with progress.phase(f"Core ML {precision} conversion"), progress.quiet_third_party():
+            mlmodel, how = self.build(precision)
         scheme = scheme_for(precision)
         set_metadata(mlmodel, labels=self.labels, palette=self.palette, preprocess=self.preprocess, precision=precision,
                       output=self.output, color=self.color, sizes=self.sizes, scheme=scheme, target_name=self.target_name,
                       metadata=self.metadata, output_shape=self.output_shape)
-        with atomic_path(out_path) as tmp:
+        with atomic_path(out_path) as tmp, progress.phase("save and validate the package"), progress.quiet_third_party():
             mlmodel.save(str(tmp))
             # coremltools adds an ExecuTorch debug map (about 100 KB) for torch.export sources; it is
             # not part of the Core ML package (Manifest.json does not list it) and no app reads it

@@ -9,14 +9,14 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from edgeseg.commands.run import add_stage_nice_argument
+from edgeseg.commands.run import add_backend_argument, add_stage_nice_argument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle folder")
     p.add_argument("--frames", type=int, default=200, metavar="N", help="frames to time (default 200)")
     p.add_argument("--source", help="source to stream (default: a 1280x720 synthetic clip written to a temporary file)")
-    p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "coreml"))
+    add_backend_argument(p)
     p.add_argument("--precision", help="artifact precision (default: the most accurate)")
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: the engine's choice)")
     add_stage_nice_argument(p)

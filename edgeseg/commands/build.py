@@ -103,7 +103,7 @@ def _prepare(bundle, precision: str) -> int:
     if precision == "int8":
         source = trt_conv.bundle_engine_source(bundle, "int8")
     else:
-        source = bundle.artifact_path(trt_conv._fp32_artifact(bundle))
+        source = bundle.artifact_path(trt_conv.fp32_artifact(bundle))
     warnings = trt_conv.check_preflight(source, where=str(source))
     print(f"{source}: TensorRT preflight passed" + (f" with {len(warnings)} warning(s)" if warnings else ""))
     for w in warnings:

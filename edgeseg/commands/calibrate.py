@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,21 +29,27 @@ def run(args) -> int:
 
     from calibration import CalibrationWarning, calibrate_bundle
 
-    def show(message, category, filename, lineno, file=None, line=None):
-        print(f"warning: {message}", file=sys.stderr, flush=True)
-
     with warnings.catch_warnings():
-        warnings.simplefilter("always", CalibrationWarning)
-        warnings.showwarning = show  # restored by catch_warnings
+        warnings.simplefilter("always", CalibrationWarning)  # printed as one line by the CLI
         summary = calibrate_bundle(
             args.bundle, args.data, method=args.method, target=args.target, max_miou_drop=args.max_miou_drop,
             eval_data=args.eval_data, max_images=args.max_images, eval_max_images=args.eval_max_images,
             sensitivity=not args.no_sensitivity, sensitivity_frames=args.sensitivity_frames, trt_version=args.trt_version,
-            progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True),
+            progress=steps,
         )
     print(format_summary(summary))
     over = [t for t, s in summary["targets"].items() if s.get("within_budget") is False]
     return 1 if over else 0
+
+
+def steps(message: str) -> None:
+    """Calibration's step messages: between the progress bars on a terminal, in the log otherwise (-v)."""
+    from edgeseg import progress
+
+    if progress.enabled():
+        progress.write(f"  {message}")
+    else:
+        logging.getLogger("edgeseg.calibration").info(message)
 
 
 def format_summary(s: dict) -> str:

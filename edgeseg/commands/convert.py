@@ -10,8 +10,10 @@ from edgeseg.errors import ConversionError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="'default', a checkpoint (.pt), TorchScript, ONNX file, or package.module:factory")
-    p.add_argument("--to", choices=("onnx", "coreml"), default="onnx")
+    p.add_argument("model", help="'default' (the embedded trained model), a zoo architecture (untrained: unet, lraspp_mobilenetv3 ...), "
+                                 "a checkpoint (.pt), TorchScript, ONNX file, or package.module:factory (from the current folder)")
+    p.add_argument("--to", choices=("onnx", "coreml"), default="onnx",
+                   help="onnx (ONNX Runtime, and TensorRT via `edgeseg build`) or coreml (iPhone, Mac); default onnx")
     p.add_argument("--precision", default=None,
                    help=f"onnx: {', '.join(ONNX_PRECISIONS)} (default fp32); coreml: {', '.join(COREML_PRECISIONS)} (default fp16)")
     p.add_argument("--out", required=True, help="bundle folder to write")
@@ -19,14 +21,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
     p.add_argument("--fold-normalization", action="store_true", help="uint8 input; normalisation inside the graph")
     p.add_argument("--argmax", action="store_true", help="end the graph with ArgMax (uint8 class map output)")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; the dynamo exporter needs 18 or more)")
     p.add_argument("--labels", help="labels file (one per line) or comma-separated names")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword for a factory (repeatable)")
-    p.add_argument("--exporter", choices=("auto", "torchscript", "dynamo"), default="auto")
+    p.add_argument("--exporter", choices=("auto", "torchscript", "dynamo"), default="auto",
+                   help="torch's ONNX exporter (default auto: TorchScript, then dynamo if it fails)")
     q = p.add_argument_group("int8 (onnx)")
     q.add_argument("--calib", help="calibration frames: image folder, video or dataset spec (needed for int8)")
-    q.add_argument("--method", choices=("minmax", "percentile", "entropy"), default="entropy")
-    q.add_argument("--target", choices=("tensorrt", "cpu", "both"), default="both")
+    q.add_argument("--method", choices=("minmax", "percentile", "entropy"), default="entropy", help="range method (default entropy)")
+    q.add_argument("--target", choices=("tensorrt", "cpu", "both"), default="both",
+                   help="INT8 graph for TensorRT, for ONNX Runtime on x86 CPUs, or both (default)")
+    q.add_argument("--eval-data", help="held-out labelled data to measure INT8 accuracy on (as for `edgeseg calibrate`)")
     q.add_argument("--max-miou-drop", type=float, default=0.5, help="accuracy budget in mIoU points")
     c = p.add_argument_group("coreml")
     c.add_argument("--output", choices=("logits", "probs", "mask"), default="logits", help="CoreML output kind")
@@ -71,7 +76,7 @@ def run(args) -> int:
     if args.to == "onnx":
         kw.update(dynamic=args.dynamic, fold_normalization=args.fold_normalization, argmax=args.argmax,
                   opset=args.opset, exporter=args.exporter)
-        bundle = convert(args.model, args.out, to="onnx", precision=precision, calib=args.calib,
+        bundle = convert(args.model, args.out, to="onnx", precision=precision, calib=args.calib, eval_data=args.eval_data,
                          calib_method=args.method, calib_target=args.target, max_miou_drop=args.max_miou_drop, **kw)
     else:
         if args.coreml_size:

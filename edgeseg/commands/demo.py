@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+from edgeseg.commands.run import add_backend_argument
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default=None, help="frame source URI (default: a synthetic 640x360 clip)")
@@ -14,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="edgeseg-demo", help="output folder (default ./edgeseg-demo)")
     p.add_argument("--show", action="store_true", help="also show a window (needs a display)")
     p.add_argument("--serve", metavar="HOST:PORT", help="also serve the live view to a browser")
-    p.add_argument("--backend", default="auto", choices=("auto", "onnxruntime", "tensorrt", "coreml"))
+    add_backend_argument(p)
     p.add_argument("--smoothing", type=float, default=0.0, help="temporal smoothing strength 0..1")
 
 

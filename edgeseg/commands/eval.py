@@ -15,6 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images", type=int, default=200, help="frames to evaluate, spread over the data (default 200; 0 = all)")
     p.add_argument("--split", help="split for specs that name none (default: test for synthetic, else val)")
     p.add_argument("--json", help="also write the figures to this JSON file")
+    from edgeseg.cluster.cli import add_cluster_arguments
+
+    add_cluster_arguments(p, "shards the frames over Ray workers; same figures")
 
 
 def run(args) -> int:
@@ -22,7 +25,14 @@ def run(args) -> int:
 
     path = Path(args.model)
     limit = args.max_images or None
-    if path.is_dir():
+    if args.cluster:
+        from edgeseg.cluster.evaluate import evaluate_bundle_on_cluster
+
+        if not path.is_dir():
+            raise EdgesegError(f"--cluster evaluates bundle folders; {path} is not one (convert it with `edgeseg convert`)")
+        result = evaluate_bundle_on_cluster(path, args.data, cluster=args.cluster, workers=args.workers,
+                                            worker_cpus=args.worker_cpus, max_images=limit, split=args.split)
+    elif path.is_dir():
         result = evaluate_bundle(path, args.data, max_images=limit, split=args.split)
     elif path.is_file():
         result = evaluate_checkpoint(path, args.data, max_images=limit, split=args.split)

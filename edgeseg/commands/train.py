@@ -15,7 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     from edgeseg import models  # training needs torch anyway
 
-    p.add_argument("--model", help=f"zoo architecture: {', '.join(models.available())}; not needed with --resume")
+    p.add_argument("--model", help=f"'default' (fine-tune the embedded model) or a zoo architecture: {', '.join(models.available())}; "
+                                   "the same names as `edgeseg convert`; not needed with --resume")
     p.add_argument("--data", required=True,
                    help="training data: voc:PATH, cityscapes:PATH, camvid:PATH, coco:ANN.json:IMAGES, an images/+masks/ "
                         "folder, or synthetic (the 'train' split is read)")
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         from edgeseg import models
 
         raise TrainError(f"name a model with --model (or continue a run with --resume CKPT); available: "
-                         f"{', '.join(models.available())}")
+                         f"{', '.join(models.names())}")
     for name in ("epochs", "batch_size"):
         v = getattr(args, name)
         if v is not None and v < 1:

@@ -9,17 +9,22 @@ and returns logits (N, num_classes, H, W). Upsampling uses fixed scale factors, 
 graphs carry no data-dependent shapes.
 """
 from edgeseg.models.registry import (
+    DEFAULT,
     ModelError,
     available,
     create,
     describe,
     load_checkpoint,
+    names,
     read_checkpoint,
     register,
     save_checkpoint,
+    suggest,
+    unknown_model,
 )
 
 # Importing the architecture modules registers them.
 from edgeseg.models import deeplabv3plus, fastfcn, gscnn, lraspp, maskrcnn, resnet, unet  # noqa: E402,F401
 
-__all__ = ["ModelError", "available", "create", "describe", "load_checkpoint", "read_checkpoint", "register", "save_checkpoint"]
+__all__ = ["DEFAULT", "ModelError", "available", "create", "describe", "load_checkpoint", "names", "read_checkpoint", "register",
+           "save_checkpoint", "suggest", "unknown_model"]

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from edgeseg.errors import EdgesegError
+from edgeseg.errors import EdgesegError, option
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}
 _DOCS: dict[str, str] = {}
@@ -43,12 +43,33 @@ def describe() -> dict[str, str]:
     return {k: _DOCS[k] for k in available()}
 
 
+DEFAULT = "default"  # the embedded trained model (edgeseg/assets/default.pt), an lraspp_mobilenetv3_small
+
+
+def names() -> list[str]:
+    """Every model name `edgeseg convert` and `edgeseg train --model` accept: 'default' and the zoo."""
+    return [DEFAULT, *available()]
+
+
+def suggest(name: str) -> str:
+    """'did you mean 'unet'? available: default, ...' for a name that is none of `names()`."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), names(), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return f"{hint}available: {', '.join(names())}"
+
+
+def unknown_model(name: str) -> ModelError:
+    return ModelError(f"unknown model {name!r}; {suggest(name)}")
+
+
 def create(name: str, num_classes: int = 21, **kw):
     """Build a zoo model by name."""
     if name not in _REGISTRY:
-        raise ModelError(f"unknown model {name!r}; available: {', '.join(available())}")
+        raise unknown_model(name)
     if int(num_classes) < 1:
-        raise ModelError(f"num_classes must be >= 1, got {num_classes}")
+        raise ModelError(f"{option('num_classes')} must be >= 1, got {num_classes}")
     model = _REGISTRY[name](num_classes=int(num_classes), **kw)
     # backbone weights end up in the state_dict: a checkpoint must not need the file again
     arch_kw = {k: v for k, v in kw.items() if k != "backbone_weights"}

@@ -208,9 +208,9 @@ def host_library() -> HostKernels:
 
 # -- GPU --------------------------------------------------------------------------------------------
 def _gpu(gpu_or_device):
-    from runtime.engines.tensorrt import GpuContext
+    from runtime.engines.tensorrt import GpuContext, gpu_context
 
-    return gpu_or_device if isinstance(gpu_or_device, GpuContext) else GpuContext(int(gpu_or_device or 0))
+    return gpu_or_device if isinstance(gpu_or_device, GpuContext) else gpu_context(int(gpu_or_device or 0))
 
 
 def load_module(gpu, name: str):

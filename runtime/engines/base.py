@@ -1,15 +1,14 @@
 """The engine protocol and backend selection."""
 from __future__ import annotations
 
-import importlib.util
 import logging
-import platform
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from edgeseg.errors import EdgesegError
+from runtime.engines.registry import auto_order, get_backend
 
 log = logging.getLogger("edgeseg.runtime")
 
@@ -58,53 +57,30 @@ class EngineIO:
         return self._outputs
 
 
-def tensorrt_available() -> tuple[bool, str]:
-    """(usable, reason): TensorRT bindings, pycuda and a CUDA device all present."""
-    for mod in ("tensorrt", "pycuda"):
-        if importlib.util.find_spec(mod) is None:
-            return False, f"the {mod} package is not installed (pip install 'edgeseg[tensorrt]')"
-    try:
-        import pycuda.driver as cuda
-
-        cuda.init()
-        if cuda.Device.count() == 0:
-            return False, "no CUDA device found"
-    except Exception as e:  # driver missing, no device, ...
-        return False, f"CUDA is not usable: {e}"
-    return True, "TensorRT and a CUDA device are present"
-
-
-def resolve_backend(backend: str, bundle) -> tuple[str, str]:
-    """Map 'auto' to a concrete backend; returns (backend, why)."""
+def resolve_backend(backend: str, bundle, precision: str | None = None) -> tuple[str, str]:
+    """Map 'auto' to a concrete backend (runtime.engines.registry says in which order); returns
+    (backend, why). A named backend is only checked to exist: opening it says what is missing."""
     if backend != "auto":
-        return backend, "requested"
-    has = {a.backend for a in bundle.manifest.artifacts}
-    ok, why = tensorrt_available()
-    if ok and ("tensorrt" in has or "onnxruntime" in has):
-        return "tensorrt", why
-    if platform.system() == "Darwin" and "coreml" in has and "onnxruntime" not in has:
-        return "coreml", "macOS with a CoreML package"
-    if "onnxruntime" in has:
-        return "onnxruntime", f"TensorRT not used: {why}" if not ok else why
-    if "coreml" in has:
-        return "coreml", "the bundle has only a CoreML package"
-    raise EngineError(f"bundle {bundle.path} has no artifact a runtime can run; add one with `edgeseg convert`")
+        return get_backend(backend).name, "requested"
+    skipped, tried = [], []  # every backend passed over / those the bundle had an artifact for
+    for b in auto_order():
+        why_not = b.missing_artifact(bundle, precision)
+        if why_not is None:
+            why_not = b.platform_problem()
+            if why_not is None:
+                ok, why = b.available()
+                why_not = b.bundle_problem(bundle, precision) if ok else why
+                if why_not is None:
+                    return b.name, "; ".join([why, *tried])
+            tried.append(f"not {b.name}: {why_not}")
+        skipped.append(f"not {b.name}: {why_not}")
+    have = ", ".join(f"{a.backend}/{a.precision}" for a in bundle.manifest.artifacts) or "none"
+    raise EngineError(f"bundle {bundle.path} has no artifact this machine can run (it has: {have}); "
+                      + "; ".join(skipped) + ". Add one with `edgeseg convert` (ONNX runs everywhere)")
 
 
 def open_engine(bundle, backend: str = "auto", precision: str | None = None, **options: Any) -> Engine:
     """Create the engine for a bundle artifact. `options` go to the backend (threads, compute_units, ...)."""
-    chosen, why = resolve_backend(backend, bundle)
+    chosen, why = resolve_backend(backend, bundle, precision)
     log.info("backend %s (%s)", chosen, why)
-    if chosen == "onnxruntime":
-        from runtime.engines.onnxruntime import OnnxRuntimeEngine
-
-        return OnnxRuntimeEngine.from_bundle(bundle, precision=precision, **options)
-    if chosen == "tensorrt":
-        from runtime.engines.tensorrt import TensorRTEngine
-
-        return TensorRTEngine.from_bundle(bundle, precision=precision, **options)
-    if chosen == "coreml":
-        from runtime.engines.coreml import CoreMLEngine
-
-        return CoreMLEngine.from_bundle(bundle, precision=precision, **options)
-    raise EngineError(f"unknown backend {backend!r}; choose auto, onnxruntime, tensorrt or coreml")
+    return get_backend(chosen).engine_class().from_bundle(bundle, precision=precision, **options)

@@ -38,7 +38,7 @@ def check_compute_units(compute_units: str) -> str:
     return compute_units
 
 
-def coreml_available() -> tuple[bool, str]:
+def available() -> tuple[bool, str]:
     """(usable, reason): Core ML prediction needs macOS and coremltools."""
     if platform.system() != "Darwin":
         return False, (
@@ -50,6 +50,9 @@ def coreml_available() -> tuple[bool, str]:
     if importlib.util.find_spec("coremltools") is None:
         return False, "coremltools is not installed (pip install coremltools)"
     return True, "macOS with coremltools"
+
+
+coreml_available = available  # the older name
 
 
 def batch_to_images(batch: np.ndarray, pre: Preprocess) -> np.ndarray:
@@ -81,7 +84,7 @@ class CoreMLEngine(EngineIO):
                  output_shape: tuple = (), input_sizes: list | None = None, color: str | None = None,
                  precision: str = "fp16", compute_units: str = "all"):
         check_compute_units(compute_units)
-        ok, why = coreml_available()
+        ok, why = available()
         if not ok:
             raise EngineError(why)
         path = Path(path)
@@ -112,7 +115,7 @@ class CoreMLEngine(EngineIO):
             log.info("coreml: threads=%s ignored (Core ML schedules its own work)", threads)
         if compute_units is not None:
             check_compute_units(compute_units)
-        ok, why = coreml_available()
+        ok, why = available()
         if not ok:
             raise EngineError(why)
         art = bundle.select("coreml", precision)

@@ -1,6 +1,7 @@
 """ONNX Runtime engine (CPU by default; CUDA/TensorRT execution providers when installed)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -16,6 +17,13 @@ _ORT_TYPES = {
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
 }
+
+
+def available() -> tuple[bool, str]:
+    """(usable, why): ONNX Runtime runs on any CPU once installed."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return False, "onnxruntime is not installed (pip install onnxruntime)"
+    return True, "ONNX Runtime on the CPU"
 
 
 class OnnxRuntimeEngine(EngineIO):

@@ -1,33 +1,40 @@
 """TensorRT engine on the GPU, through pycuda.
 
     from runtime.engines.tensorrt import TensorRTEngine
-    eng = TensorRTEngine.from_bundle(bundle, precision="fp16")   # builds and caches an engine if needed
+    eng = TensorRTEngine.from_bundle(bundle, precision="fp16")   # the bundle's engine built for this GPU
     out = eng.infer(batch)                                       # host numpy in, host numpy out
     outs = eng.infer_device({"input": dev_ptr}, stream=stream)   # device pointers in, device buffers out
 
-All CUDA work runs in the device's primary context (retained, pushed around each call): TensorRT's
-runtime API uses the primary context, so buffers allocated through pycuda are valid inside TensorRT
-and the CUDA preprocessing kernel can write straight into the engine's input buffer.
+The runtime only opens engines a bundle already has. Whether one fits this machine is decided from
+its header in the manifest (edgeseg.engine_cache: TensorRT version, GPU, options) before anything
+is deserialised; building one is the job of `edgeseg build` or `edgeseg.Segmenter(...,
+build_missing=True)` (converters.tensorrt), never of this module.
 
-Engines are checked before they are deserialized: an engine built for another TensorRT release or GPU
-(its header in the bundle manifest says which) is rebuilt into the engine cache instead of loaded.
+All CUDA work runs in the device's primary context (`gpu_context(n)`): TensorRT's runtime API works
+in it, so buffers allocated through pycuda are valid inside TensorRT, and the CUDA preprocessing
+kernel writes straight into the buffer bound as the engine's input.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import importlib.util
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from edgeseg.engine_cache import EngineHeader, Target, stale_reasons
 from runtime.engines.base import EngineError, EngineIO, TensorInfo
 
 log = logging.getLogger("edgeseg.runtime")
 
 _INSTALL = "pip install 'edgeseg[tensorrt]' (TensorRT and pycuda) on a machine with an NVIDIA GPU and driver"
+PRECISION_ORDER = ("fp32", "fp16", "int8")  # without a requested precision: the most accurate engine first
 
 
 def _import_tensorrt():
@@ -53,21 +60,53 @@ def _import_cuda():
     return cuda
 
 
-class GpuContext:
-    """The primary context of one device, retained for the owner's lifetime and pushed while in use."""
+def _device(cuda, index: int):
+    if not 0 <= index < cuda.Device.count():
+        raise EngineError(f"no CUDA device {index}: found {cuda.Device.count()}")
+    return cuda.Device(index)
 
-    def __init__(self, device: int = 0):
-        cuda = _import_cuda()
-        if not 0 <= device < cuda.Device.count():
-            raise EngineError(f"no CUDA device {device}: found {cuda.Device.count()}")
+
+def available() -> tuple[bool, str]:
+    """(usable, reason): TensorRT bindings, pycuda and a CUDA device all present (the registry's probe)."""
+    for mod in ("tensorrt", "pycuda"):
+        if importlib.util.find_spec(mod) is None:
+            return False, f"the {mod} package is not installed ({_INSTALL})"
+    try:
+        _import_cuda()
+    except EngineError as e:
+        return False, str(e)
+    return True, "TensorRT and a CUDA device are present"
+
+
+def device_target(device: int = 0) -> Target:
+    """TensorRT version and GPU of this machine, read from `cuda.Device(n)` (no context is created)."""
+    trt = _import_tensorrt()
+    dev = _device(_import_cuda(), device)
+    return Target(trt.__version__, tuple(dev.compute_capability()), dev.name())
+
+
+# -- the primary context ----------------------------------------------------------------------------
+class GpuContext:
+    """The primary context of one device, retained once for the whole process and pushed only while
+    in use, by whichever thread uses it (`with gpu.active(): ...`).
+
+    Get it with `gpu_context(n)`, never construct it twice: pycuda's `retain_primary_context` does
+    not make the context current, and its `detach` of a primary context that is not current pushes it
+    and releases it without popping it (an entry left on the thread's context stack each time); the
+    last release also resets the primary context, freeing everything allocated in it. So it is
+    retained once and never released while the process runs."""
+
+    def __init__(self, cuda, device: int):
         self.cuda = cuda
-        self.device = cuda.Device(device)
         self.index = device
+        self.device = _device(cuda, device)
         self.context = self.device.retain_primary_context()
-        self.modules: dict[str, object] = {}  # compiled kernel modules live in this context
+        self.modules: dict[str, object] = {}  # compiled kernel modules, which live in this context
+        self.lock = threading.Lock()  # guards `modules`
 
     @contextlib.contextmanager
     def active(self):
+        """Make the context current on this thread for the block (nested use is fine: CUDA keeps a stack)."""
         self.context.push()
         try:
             yield self
@@ -82,13 +121,31 @@ class GpuContext:
     def name(self) -> str:
         return self.device.name()
 
-    def release(self) -> None:
-        if self.context is not None:
-            self.modules.clear()
-            self.context.detach()
-            self.context = None
+    def __repr__(self):
+        return f"GpuContext(device {self.index}: {self.name}, sm{''.join(map(str, self.compute_capability))})"
 
 
+_CONTEXTS: dict[int, GpuContext] = {}
+_CONTEXTS_LOCK = threading.Lock()
+
+
+def gpu_context(device: int = 0) -> GpuContext:
+    """The process's one GpuContext for CUDA device `device`."""
+    with _CONTEXTS_LOCK:
+        ctx = _CONTEXTS.get(device)
+        if ctx is None:
+            ctx = _CONTEXTS[device] = GpuContext(_import_cuda(), int(device))
+        return ctx
+
+
+@atexit.register
+def _forget_modules() -> None:
+    # Compiled modules belong to their context; drop them before pycuda tears the driver down.
+    for ctx in _CONTEXTS.values():
+        ctx.modules.clear()
+
+
+# -- engines ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DeviceTensor:
     """A tensor in GPU memory owned by the engine (valid until the next call on the same slot)."""
@@ -114,7 +171,7 @@ class _Slot:
             raise EngineError("TensorRT could not create an execution context (out of GPU memory?)")
         self.device: dict[str, Any] = {}  # name -> DeviceAllocation
         self.capacity: dict[str, int] = {}
-        self.host: dict[str, np.ndarray] = {}  # pinned staging buffers
+        self.host: dict[str, np.ndarray] = {}  # page-locked staging buffers of the async copies
         self.shapes: dict[str, tuple[int, ...]] = {}
 
     def buffer(self, name: str, nbytes: int) -> int:
@@ -142,7 +199,7 @@ class _Slot:
             if not self.context.set_input_shape(info.name, shape):
                 raise EngineError(f"TensorRT rejected shape {shape} for input {info.name!r} (outside the engine's profile?)")
             self.shapes[info.name] = shape
-        missing = self.context.infer_shapes() if hasattr(self.context, "infer_shapes") else []
+        missing = self.context.infer_shapes()
         if missing:
             raise EngineError(f"TensorRT needs shapes for {missing}")
 
@@ -172,17 +229,76 @@ class _Slot:
         self.context = None
 
 
-def _make_logger(trt):
+def make_logger(trt):
+    """A trt.ILogger that forwards to Python logging and keeps the error messages (`.errors`) for
+    the error a failed call raises; shared with the builder (converters.tensorrt)."""
+    levels = {
+        trt.ILogger.Severity.INTERNAL_ERROR: logging.ERROR, trt.ILogger.Severity.ERROR: logging.ERROR,
+        trt.ILogger.Severity.WARNING: logging.WARNING, trt.ILogger.Severity.INFO: logging.DEBUG,
+        trt.ILogger.Severity.VERBOSE: logging.DEBUG,
+    }
+
     class Logger(trt.ILogger):
         def __init__(self):
             trt.ILogger.__init__(self)
+            self.errors: list[str] = []
 
         def log(self, severity, msg):
-            level = logging.ERROR if severity <= trt.ILogger.Severity.ERROR else (
-                logging.WARNING if severity == trt.ILogger.Severity.WARNING else logging.DEBUG)
+            level = levels.get(severity, logging.INFO)
+            if level >= logging.ERROR:
+                self.errors.append(msg)
             log.log(level, "TensorRT: %s", msg)
 
     return Logger()
+
+
+_PLUGINS_LOCK = threading.Lock()
+_PLUGINS_READY = False
+
+
+def _init_plugins(trt, logger) -> None:
+    """Register TensorRT's own plugins once per process, before the first engine is deserialised:
+    an engine whose network used one (from the ONNX parser's plugin fallback) fails to load otherwise."""
+    global _PLUGINS_READY
+    with _PLUGINS_LOCK:
+        if not _PLUGINS_READY:
+            if not trt.init_libnvinfer_plugins(logger, ""):
+                log.warning("TensorRT could not register its plugins; engines that use one will not load")
+            _PLUGINS_READY = True
+
+
+def fitting_artifact(bundle, precision: str | None = None, device: int = 0):
+    """(the bundle's TensorRT artifact that runs on this GPU and TensorRT, or None; why each other one
+    does not). Decided from the headers in the manifest: nothing is deserialised."""
+    target = device_target(device)
+    arts = sorted(bundle.find("tensorrt", precision),
+                  key=lambda a: PRECISION_ORDER.index(a.precision) if a.precision in PRECISION_ORDER else len(PRECISION_ORDER))
+    reasons = []
+    for art in arts:
+        try:
+            header = EngineHeader.from_dict(art.info)
+        except Exception as e:  # ConversionError, or a manifest whose info is not a mapping
+            reasons.append(f"{art.path}: its manifest entry has no valid engine header ({e})")
+            continue
+        stale = stale_reasons(header, target)
+        if stale:
+            reasons.append(f"{art.path}: " + "; ".join(stale))
+            continue
+        return art, reasons
+    if not arts:
+        reasons.append(f"the bundle has no TensorRT {precision + ' ' if precision else ''}engine")
+    return None, reasons
+
+
+def bundle_problem(bundle, precision: str | None = None) -> str | None:
+    """The registry's check for `auto`: why no engine of the bundle runs here (None: one does)."""
+    try:
+        art, reasons = fitting_artifact(bundle, precision)
+    except EngineError as e:
+        return str(e)
+    if art is not None:
+        return None
+    return "; ".join(reasons) + f" (build one with `edgeseg build {bundle.path}`)"
 
 
 class TensorRTEngine(EngineIO):
@@ -199,22 +315,26 @@ class TensorRTEngine(EngineIO):
             raise EngineError(f"TensorRT engine not found: {path}")
         self.trt, self.path, self.precision = trt, path, precision
         self.header = dict(header or {})
-        self.gpu = GpuContext(device)
+        self.gpu = gpu_context(device)
         self.cuda = self.gpu.cuda
         self._slots: list[_Slot] = []
-        self.engine = None
+        self.engine = self._runtime = self.stream = None
+        self._closed = False
         try:
             with self.gpu.active():
-                self._logger = _make_logger(trt)
+                self._logger = make_logger(trt)
+                _init_plugins(trt, self._logger)
                 self._runtime = trt.Runtime(self._logger)
                 if (self.header.get("options") or {}).get("version_compatible"):
                     # Version-compatible plans carry the lean runtime that runs them as host code.
                     self._runtime.engine_host_code_allowed = True
                 self.engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
                 if self.engine is None:
+                    detail = "; ".join(self._logger.errors[-3:])
                     raise EngineError(
                         f"TensorRT {trt.__version__} could not deserialize {path}: it was built by another TensorRT "
                         "version or for another GPU, or the file is damaged; rebuild it with `edgeseg build`"
+                        + (f" ({detail})" if detail else "")
                     )
                 self._inputs, self._outputs = self._discover_io()
                 self.stream = self.cuda.Stream()
@@ -224,66 +344,28 @@ class TensorRTEngine(EngineIO):
             self.close()
             raise
 
-    # -- construction from a bundle ----------------------------------------------------------------
     BUILD_OPTIONS = ("shapes", "workspace_mb", "version_compatible", "hardware_compatible", "optimization_level",
-                     "strongly_typed", "timing_cache")
+                     "strongly_typed", "tf32", "timing_cache")
 
     @classmethod
-    def from_bundle(cls, bundle, precision: str | None = None, *, device: int = 0, build: bool = True,
-                    slots: int = 1, **options) -> "TensorRTEngine":
-        """The bundle's engine for this GPU and TensorRT; when it has none that fits, build one into the
-        engine cache (from the bundle's ONNX graphs) unless build=False. `options` may carry build
-        options (BUILD_OPTIONS); options meant for other backends (threads, ...) are ignored."""
-        from converters.tensorrt import EngineHeader, Target, stale_reasons
-
-        build_options = {k: v for k, v in options.items() if k in cls.BUILD_OPTIONS}
-        ignored = sorted(set(options) - set(build_options))
-        if ignored:
-            log.debug("TensorRT engine ignores options %s", ignored)
-
-        trt = _import_tensorrt()
-        gpu = GpuContext(device)
-        try:
-            target = Target(trt.__version__, gpu.compute_capability, gpu.name)
-        finally:
-            gpu.release()
-        order = ["fp32", "fp16", "int8"]
-        arts = sorted(bundle.find("tensorrt", precision), key=lambda a: order.index(a.precision) if a.precision in order else 9)
-        for art in arts:
-            try:
-                header = EngineHeader.from_dict(art.info)
-            except Exception as e:
-                log.warning("ignoring %s: its manifest entry has no valid engine header (%s)", art.path, e)
-                continue
-            reasons = stale_reasons(header, target)
-            if reasons:
-                log.warning("not loading %s: %s", art.path, "; ".join(reasons))
-                continue
-            bundle.verify_artifact(art)
-            return cls(bundle.artifact_path(art), precision=art.precision, device=device, header=header.to_dict(), slots=slots)
-        if not build:
-            have = ", ".join(a.path for a in arts) or "none"
-            raise EngineError(f"bundle {bundle.path} has no TensorRT engine for this machine ({target.sm}, TensorRT "
-                              f"{target.trt_version}; engines: {have}); run `edgeseg build {bundle.path}`")
-        return cls.build_cached(bundle, precision or "fp16", device=device, slots=slots, target=target, **build_options)
-
-    @classmethod
-    def build_cached(cls, bundle, precision: str, *, device: int = 0, slots: int = 1, target=None,
-                     **build_options) -> "TensorRTEngine":
-        """Build (or reuse) an engine in the user's engine cache without modifying the bundle."""
-        from converters.tensorrt import BuildOptions, bundle_engine_source, cached_engine, default_shapes, import_tensorrt
-        from edgeseg.errors import ConversionError
-
-        try:
-            trt = import_tensorrt()
-            source = bundle_engine_source(bundle, precision, trt, build_options.get("strongly_typed"))
-            shapes = build_options.pop("shapes", None) or default_shapes(bundle, source)
-            options = BuildOptions(precision=precision, shapes=shapes, device=device, **build_options)
-            log.info("building a TensorRT %s engine for %s into the engine cache (first run only)", precision, bundle.path)
-            path, header = cached_engine(source, options, target=target)
-        except ConversionError as e:
-            raise EngineError(str(e)) from None
-        return cls(path, precision=precision, device=device, header=header.to_dict(), slots=slots)
+    def from_bundle(cls, bundle, precision: str | None = None, *, device: int = 0, slots: int = 1,
+                    **options) -> "TensorRTEngine":
+        """The bundle's engine for this GPU and TensorRT (its manifest header says which fits).
+        Options meant for other backends (threads, ...) are ignored."""
+        if options:
+            log.debug("TensorRT engine ignores options %s", sorted(options))
+        _import_tensorrt()
+        art, reasons = fitting_artifact(bundle, precision, device)
+        if art is None:
+            target = device_target(device)
+            raise EngineError(
+                f"bundle {bundle.path} has no TensorRT engine for this machine ({target.gpu_name}, {target.sm}, TensorRT "
+                f"{target.trt_version}): {'; '.join(reasons)}. Build one with `edgeseg build {bundle.path}`, or open it with "
+                "edgeseg.Segmenter(bundle, build_missing=True)")
+        for why in reasons:
+            log.warning("not loading %s", why)
+        bundle.verify_artifact(art)
+        return cls(bundle.artifact_path(art), precision=art.precision, device=device, header=art.info, slots=slots)
 
     # -- I/O ---------------------------------------------------------------------------------------
     def _discover_io(self) -> tuple[list[TensorInfo], list[TensorInfo]]:
@@ -381,17 +463,15 @@ class TensorRTEngine(EngineIO):
             return self._slots[slot].run({k: int(v) for k, v in inputs.items()}, shapes, stream or self.stream)
 
     def close(self) -> None:
-        gpu = getattr(self, "gpu", None)
-        if gpu is None or gpu.context is None:
+        """Free the engine's GPU memory (the primary context stays: other engines and kernels use it)."""
+        if getattr(self, "_closed", True) or getattr(self, "gpu", None) is None:
             return
-        with gpu.active():
+        self._closed = True
+        with self.gpu.active():
             for s in self._slots:
                 s.free()
             self._slots = []
-            self.engine = None
-            self._runtime = None
-            self.stream = None
-        gpu.release()
+            self.engine = self._runtime = self.stream = None
 
     def __del__(self):
         try:
@@ -403,4 +483,5 @@ class TensorRTEngine(EngineIO):
         return f"TensorRTEngine({str(self.path)!r}, {self.precision})"
 
 
-__all__ = ["TensorRTEngine", "DeviceTensor", "GpuContext"]
+__all__ = ["TensorRTEngine", "DeviceTensor", "GpuContext", "gpu_context", "available", "bundle_problem", "device_target",
+           "fitting_artifact", "make_logger"]

@@ -1,0 +1,329 @@
+"""Batch runs of many videos, on Ray and in one process: the same per-frame results either way,
+retries after a lost worker, reruns that skip finished work, sharded evaluation with the
+single-machine figures. One local Ray instance (2 CPUs) serves the whole module."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edgeseg.cli import main
+from tests.conftest import ROOT
+
+ray = pytest.importorskip("ray", reason="Ray is the optional extra edgeseg[cluster]")
+
+# (folder, name, frames, seed): six short clips in two folders, one long enough to be split
+VIDEOS = [("cam0", "a.mp4", 9, 1), ("cam0", "b.mp4", 6, 2), ("cam0", "c.avi", 5, 3),
+          ("cam1", "d.mp4", 7, 4), ("cam1", "e.mp4", 5, 5), ("cam1/night", "f.mp4", 6, 6)]
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 << 20, logging_level="WARNING",
+             namespace="edgeseg-tests")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    from runtime.sources import write_synthetic_clip
+
+    root = tmp_path_factory.mktemp("archive")
+    for folder, name, frames, seed in VIDEOS:
+        write_synthetic_clip(root / folder / name, frames=frames, size=(72, 96), seed=seed)
+    (root / "cam1" / "notes.txt").write_text("not a video")
+    return root
+
+
+@pytest.fixture(scope="module")
+def plain(default_bundle, videos, tmp_path_factory):
+    """`edgeseg run` of each video alone, in this process: the reference outputs, by source key."""
+    out = tmp_path_factory.mktemp("plain")
+    refs = {}
+    for folder, name, _, _ in VIDEOS:
+        dest = out / folder
+        assert main(["run", str(default_bundle.path), "--source", str(videos / folder / name), "--out", str(dest),
+                     "--save-masks", "png"]) == 0
+        refs[f"{folder}/{name}"] = dest / name
+    return refs
+
+
+def pattern(videos) -> str:
+    return str(videos / "**" / "*.*")
+
+
+def assert_same_outputs(results: Path, plain: dict, masks: bool = True) -> None:
+    from edgeseg.cluster.outputs import read_table
+
+    for key, ref in plain.items():
+        got, want = read_table(results / key / "areas.parquet"), read_table(ref / "areas.parquet")
+        assert list(got) == list(want) and got["frame"].size == want["frame"].size > 0, key
+        for col in want:
+            assert np.array_equal(got[col], want[col]), f"{key}: column {col} differs"
+        if masks:
+            names = sorted(p.name for p in (ref / "masks").iterdir())
+            assert sorted(p.name for p in (results / key / "masks").iterdir()) == names
+            for n in names:
+                assert (results / key / "masks" / n).read_bytes() == (ref / "masks" / n).read_bytes(), f"{key}/{n}"
+
+
+def test_plain_run_records_what_the_segmenter_sees(default_bundle, videos, plain):
+    """The reference itself: areas are the pixel counts of Segmenter.segment's class maps."""
+    from edgeseg.cluster.outputs import read_table
+    from runtime.segmenter import Segmenter
+
+    table = read_table(plain["cam0/a.mp4"] / "areas.parquet")
+    seg = Segmenter(default_bundle)
+    cap = cv2.VideoCapture(str(videos / "cam0" / "a.mp4"))
+    n = 0
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        cm = seg.segment(frame).class_map
+        for c, label in enumerate(default_bundle.manifest.labels):
+            assert table[f"area:{label}"][n] == np.count_nonzero(cm == c)
+        mask = cv2.imread(str(plain["cam0/a.mp4"] / "masks" / f"{n:06d}.png"), cv2.IMREAD_UNCHANGED)
+        assert np.array_equal(mask, cm)
+        n += 1
+    assert n == 9 and list(table["frame"]) == list(range(9)) and table["height"][0] == 72 and table["width"][0] == 96
+
+
+def test_six_videos_on_two_workers_equal_plain_runs(default_bundle, videos, plain, ray_address, tmp_path, capsys):
+    out = tmp_path / "results"
+    rc = main(["run", str(default_bundle.path), "--source", pattern(videos), "--out", str(out), "--cluster", ray_address,
+               "--workers", "2", "--save-masks", "png", "--chunk-frames", "4"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "6 sources on" in printed and "6 done" in printed and "0 failed" in printed and "FPS" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["done"] == 6 and summary["failed"] == [] and summary["frames"] == sum(v[2] for v in VIDEOS)
+    assert summary["tasks"] == 13  # in ranges of 4 frames: 3 for a.mp4 (9 frames), 2 for each of the others
+    assert len(summary["workers"]) == 2 and all(w["frames"] > 0 and w["fps"] > 0 for w in summary["workers"])
+    assert summary["bundle_bytes"] > 1_000_000
+    assert_same_outputs(out, plain)
+    assert not any(p.name == ".parts" for p in out.rglob("*"))
+
+
+def test_lost_worker_is_retried_and_the_result_is_complete(default_bundle, videos, plain, ray_address, tmp_path):
+    from edgeseg.cluster import BatchSegmenter
+
+    killed = []
+
+    def kill_first_worker(event):
+        if event["event"] == "done" and not killed:  # that worker has its next task queued: kill it mid-run
+            os.kill(event["pid"], signal.SIGKILL)
+            killed.append(event["pid"])
+
+    with BatchSegmenter(default_bundle.path, cluster=ray_address, workers=2, ship_sources=True) as batch:
+        summary = batch.run(pattern(videos), tmp_path / "results", masks="png", progress=kill_first_worker)
+    assert killed
+    assert summary.done == 6 and summary.failed == [], summary.format()
+    assert summary.retried >= 1 and summary.restarts >= 1, summary.format()
+    assert summary.source_bytes == sum(p.stat().st_size for p in videos.rglob("*.*") if p.suffix != ".txt")
+    pids = {pid for w in summary.workers for pid in w.pids}
+    assert killed[0] in pids and len(pids) >= 3  # two workers, one of them restarted
+    assert_same_outputs(tmp_path / "results", plain)
+
+
+def test_rerun_resumes_and_then_does_nothing(default_bundle, videos, plain, ray_address, tmp_path):
+    from edgeseg.cluster import BatchSegmenter
+
+    out = tmp_path / "results"
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def stop_after_three(event):
+        if event["event"] == "done":
+            seen.append(event["task"])
+            if len(seen) == 3:
+                raise Stop  # the command dies with tasks still running
+
+    with BatchSegmenter(default_bundle.path, cluster=ray_address, workers=2) as batch:
+        with pytest.raises(Stop):
+            batch.run(pattern(videos), out, chunk_frames=4, progress=stop_after_three)
+        second = batch.run(pattern(videos), out, chunk_frames=4)
+        assert second.tasks == 13 - 3 and second.done + second.skipped == 6 and not second.failed, second.format()
+        assert_same_outputs(out, plain, masks=False)
+        stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "summary.json"}
+        third = batch.run(pattern(videos), out, chunk_frames=4)
+    assert third.tasks == 0 and third.skipped == 6 and third.frames == 0 and third.workers == []
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "summary.json"} == stamps
+    # other options are other results: masks now asked for, so every source runs again
+    with BatchSegmenter(default_bundle.path) as batch:
+        fourth = batch.run(pattern(videos), out, masks="png")
+    assert fourth.done == 6 and fourth.skipped == 0
+    assert_same_outputs(out, plain)
+
+
+def test_eval_on_local_cluster_equals_single_machine(default_bundle, tmp_path):
+    from calibration.evaluate import evaluate_bundle
+
+    data = "synthetic:test?n=6"
+    single = evaluate_bundle(default_bundle.path, data)
+    r = subprocess.run([sys.executable, "-m", "edgeseg.cli", "eval", str(default_bundle.path), "--data", data,
+                        "--cluster", "local", "--json", str(tmp_path / "eval.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sharded = json.loads((tmp_path / "eval.json").read_text())
+    assert sharded["cluster"]["workers"] >= 1 and sharded["cluster"]["shards"] >= 2
+    assert sharded["frames"] == single["frames"] == 6 and sharded["data"] == single["data"]
+    for a, b in zip(sharded["results"], single["results"]):
+        assert a["path"] == b["path"]
+        assert a["miou"] == b["miou"] and a["per_class_iou"] == b["per_class_iou"]
+        assert a["pixel_accuracy"] == b["pixel_accuracy"] and a["agreement_with_fp32"] == b["agreement_with_fp32"]
+
+
+# -- Ray's retries, directly ---------------------------------------------------------------------
+class Flaky:
+    """Fails the first `fail` calls of each key (counted in files, so a restarted process knows)."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+
+    def info(self):
+        return {"pid": os.getpid()}
+
+    def work(self, key: str, fail: int):
+        marker = self.folder / key
+        n = int(marker.read_text()) if marker.exists() else 0
+        marker.write_text(str(n + 1))
+        if n < fail:
+            raise RuntimeError(f"attempt {n + 1} of {key} failed")
+        return {"key": key, "attempts": n + 1, "info": self.info()}
+
+
+def test_exceptions_are_retried_then_reported(ray_address, tmp_path):
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import the tests
+    from edgeseg.cluster.session import RayCluster, TaskFailure
+
+    cluster = RayCluster.connect(ray_address)
+    pool = cluster.pool(Flaky, (str(tmp_path),), workers=1, max_retries=2)
+    try:
+        outcomes = {tag: out for tag, out, _, _ in pool.map([("twice", "work", lambda: ("twice", 2)),
+                                                             ("always", "work", lambda: ("always", 5))])}
+    finally:
+        pool.close()
+    assert outcomes["twice"]["attempts"] == 3
+    assert isinstance(outcomes["always"], TaskFailure) and "attempt 3 of always failed" in outcomes["always"].error
+
+
+# -- without a cluster ----------------------------------------------------------------------------
+def test_batch_without_cluster_never_imports_ray(default_bundle, videos, tmp_path):
+    code = (
+        "import sys\n"
+        "from edgeseg.cli import main\n"
+        f"assert main(['run', {str(default_bundle.path)!r}, '--source', {str(videos / 'cam1' / '*.mp4')!r}, "
+        f"'--out', {str(tmp_path / 'r')!r}, '--frames', '2']) == 0\n"
+        f"assert main(['eval', {str(default_bundle.path)!r}, '--data', 'synthetic:test?n=2']) == 0\n"
+        "import edgeseg.cluster, edgeseg.cluster.batch, edgeseg.cluster.evaluate, edgeseg.cluster.cli\n"
+        "print('RAY' if 'ray' in sys.modules else 'NO RAY')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().endswith("NO RAY")
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["frames"] == 4
+
+
+def test_rle_masks_overlay_and_csv(default_bundle, videos, plain, tmp_path):
+    from pycocotools import mask as coco_mask
+
+    from edgeseg.cluster import BatchSegmenter, read_table
+
+    src = videos / "cam0" / "b.mp4"
+    with BatchSegmenter(default_bundle.path) as batch:
+        s = batch.run(src, tmp_path / "r", table="csv", masks="rle", overlay=True)
+    assert s.done == 1
+    folder = tmp_path / "r" / "b.mp4"
+    got, want = read_table(folder / "areas.csv"), read_table(plain["cam0/b.mp4"] / "areas.parquet")
+    assert all(np.array_equal(got[c], want[c]) for c in want)
+    entries = json.loads((folder / "masks.json").read_text())
+    for frame in range(6):
+        png = cv2.imread(str(plain["cam0/b.mp4"] / "masks" / f"{frame:06d}.png"), cv2.IMREAD_UNCHANGED)
+        rebuilt = np.zeros_like(png)
+        for e in (e for e in entries if e["image_id"] == frame):
+            m = coco_mask.decode({"size": e["segmentation"]["size"], "counts": e["segmentation"]["counts"].encode()})
+            assert m.sum() == e["area"]
+            rebuilt[m.astype(bool)] = e["category_id"]
+        assert np.array_equal(rebuilt, png)
+    cap = cv2.VideoCapture(str(folder / "overlay.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 6
+    cap.release()
+    assert not any(p.name.startswith(".") for p in folder.iterdir())
+
+
+def test_a_broken_video_is_reported_by_source(default_bundle, videos, tmp_path, capsys):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "good.mp4").write_bytes((videos / "cam1" / "e.mp4").read_bytes())
+    (archive / "broken.mp4").write_bytes(b"\x00not a video" * 100)
+    rc = main(["run", str(default_bundle.path), "--source", str(archive), "--out", str(tmp_path / "r")])
+    assert rc == 1
+    out = capsys.readouterr().out
+    assert "1 done" in out and "1 failed" in out and "FAILED broken.mp4: cannot open video" in out
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert [f["source"] for f in summary["failed"]] == ["broken.mp4"] and "FFmpeg cannot decode" in summary["failed"][0]["error"]
+    assert (tmp_path / "r" / "good.mp4" / "done.json").is_file() and not (tmp_path / "r" / "broken.mp4" / "done.json").exists()
+
+
+def test_worker_without_the_video_says_how_to_ship_it(default_bundle, tmp_path):
+    from edgeseg.cluster.plan import OutputSpec, Source, Task
+    from edgeseg.cluster.worker import SegmenterWorker, pack_bundle
+
+    worker = SegmenterWorker(pack_bundle(default_bundle))  # the bundle as a remote worker gets it
+    try:
+        out = worker.process(Task(Source(str(tmp_path / "elsewhere.mp4"), "elsewhere.mp4", 10, 0)), OutputSpec(table="csv"))
+    finally:
+        worker.close()
+    assert "is not on" in out["error"] and "--ship-sources" in out["error"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cluster", "bogus"], "--cluster takes local (start Ray here), auto"),
+    (["--cluster", "http://head:8265"], "--cluster takes local"),
+    (["--show"], "--show is for one stream"),
+    (["--chunk-frames", "4", "--overlay"], "--chunk-frames cannot be used with --overlay"),
+    (["--chunk-frames", "0"], "--chunk-frames must be a positive number"),
+    (["--workers", "0", "--cluster", "local"], "--workers must be 1 or more"),
+    (["--worker-cpus", "0"], "--worker-cpus must be a whole number"),
+])
+def test_bad_batch_options(default_bundle, videos, tmp_path, capsys, args, message):
+    rc = main(["run", str(default_bundle.path), "--source", pattern(videos), "--out", str(tmp_path / "r"), *args])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source, message", [
+    ("{videos}/cam1/*.txt", "matches no video files (1 other files)"),
+    ("{videos}/nowhere", "no such file or folder"),
+    ("rtsp://camera/stream", "batch runs take video files, not streams"),
+])
+def test_bad_batch_sources(default_bundle, videos, tmp_path, capsys, source, message):
+    rc = main(["run", str(default_bundle.path), "--source", source.format(videos=videos), "--out", str(tmp_path / "r"),
+               "--table", "csv"])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_batch_needs_an_out_folder(default_bundle, videos, capsys):
+    assert main(["run", str(default_bundle.path), "--source", pattern(videos)]) == 2
+    assert "add --out results/" in capsys.readouterr().err
+
+
+def test_cluster_without_ray_says_how_to_install(monkeypatch):
+    from edgeseg.cluster.session import ClusterError, import_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ClusterError, match=r"pip install 'edgeseg\[cluster\]'"):
+        import_ray()
