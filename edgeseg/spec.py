@@ -58,6 +58,19 @@ def check_frame(frame: Any) -> np.ndarray:
     return frame
 
 
+def check_nv12(frame: Any) -> np.ndarray:
+    """Return `frame` if it is an NV12 image ((H * 3 / 2, W) uint8: the Y plane, then interleaved UV at
+    half resolution, with even H and W), else raise a FrameError that says what to pass."""
+    if not isinstance(frame, np.ndarray) or frame.ndim != 2 or frame.dtype != np.uint8 or frame.shape[0] % 3 \
+            or frame.shape[1] % 2 or frame.shape[0] < 3:
+        raise FrameError(
+            f"an NV12 frame is a (H * 3 / 2, W) uint8 array with even H and W, got "
+            f"{getattr(frame, 'shape', type(frame).__name__)} {getattr(frame, 'dtype', '')}; pass BGR frames with "
+            "pixel_format='bgr'"
+        )
+    return frame
+
+
 @dataclass(frozen=True)
 class Letterbox:
     """Where the resized frame sits inside the network input (top, left, height, width)."""
@@ -224,4 +237,4 @@ def unletterbox(array_hw: np.ndarray, pre: Preprocess, frame_hw: tuple[int, int]
     return cv2.resize(crop, (w, h), interpolation=interpolation)
 
 
-__all__ = ["Preprocess", "Letterbox", "FrameError", "check_frame", "unletterbox", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["Preprocess", "Letterbox", "FrameError", "check_frame", "check_nv12", "unletterbox", "IMAGENET_MEAN", "IMAGENET_STD"]

@@ -212,6 +212,18 @@ def clip_mask(p: np.ndarray, clip_above: float = 0.7, zero_below: float = 0.3) -
     return m
 
 
+def shown_lut(num_classes: int, background: int | None, hidden: Iterable[int] = ()) -> np.ndarray:
+    """256 entries, 255 for each class an overlay draws (a known class, neither background nor
+    hidden), 0 elsewhere; shared with the GPU overlay (runtime.cuda)."""
+    lut = np.zeros(256, np.uint8)
+    lut[:num_classes] = 255
+    if background is not None:
+        lut[background] = 0
+    for c in hidden:
+        lut[c] = 0
+    return lut
+
+
 def drawing_frame(own: np.ndarray | None, frame: np.ndarray | None, size) -> np.ndarray:
     """The frame a result draws on: the one given, else the one it was computed from; checked
     to be a BGR frame of the result's size."""
@@ -312,13 +324,7 @@ class SegmentationResult:
         return drawing_frame(self.frame, frame, self.size)
 
     def _shown_mask(self) -> np.ndarray:
-        lut = np.zeros(256, np.uint8)
-        lut[: self.num_classes] = 255
-        if self.background is not None:
-            lut[self.background] = 0
-        for c in self.hidden:
-            lut[c] = 0
-        return cv2.LUT(self.class_map, lut)
+        return cv2.LUT(self.class_map, shown_lut(self.num_classes, self.background, self.hidden))
 
     def colorized(self) -> np.ndarray:
         """HxWx3 BGR image of the class colours (hidden classes and background black)."""
@@ -576,5 +582,5 @@ class Postprocessor:
 
 __all__ = [
     "SegmentationResult", "Postprocessor", "PostprocessError", "Upsampler", "bilinear_axis", "channel_argmax", "softmax",
-    "colorize", "palette_lut", "clip_mask", "background_index", "OVERLAY_MODES",
+    "colorize", "palette_lut", "shown_lut", "clip_mask", "background_index", "OVERLAY_MODES",
 ]

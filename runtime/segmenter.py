@@ -8,9 +8,12 @@
     seg.run(0, callback=lambda r: ...)                  # callback mode for apps
     print(seg.stats.format())
 
-Preprocessing is the bundle's `Preprocess.apply` (edgeseg/spec.py), the one definition shared with
-conversion and calibration; an engine that offers `preprocess_on_device(frame)` (a fused GPU
-kernel, tested against that reference) is used instead.
+Two frame paths. With a TensorRT engine, frames stay on the GPU (runtime.cuda.frames): one
+upload, the fused preprocessing kernel writing the engine's input, the engine, classification and
+overlay kernels, and only the class map (and overlay) back, two frames in flight. Every other
+engine takes the CPU path: the bundle's `Preprocess.apply` (edgeseg/spec.py, the one definition
+shared with conversion and calibration, and the reference the CUDA kernel is tested against),
+`engine.infer`, then runtime.postprocess. Both give the same class map.
 """
 from __future__ import annotations
 
@@ -24,19 +27,30 @@ import numpy as np
 
 from edgeseg.bundle import Bundle
 from edgeseg.errors import EdgesegError
-from edgeseg.spec import check_frame
+from edgeseg.spec import FrameError, check_frame, check_nv12
 from runtime.engines.base import open_engine, resolve_backend
 from runtime.pipeline import STAGE_NICE, Pipeline, Work, check_stage_nice
 from runtime.postprocess import Postprocessor, SegmentationResult
 from runtime.legend import Legend
 from runtime.sinks import DisplaySink, ImageFileSink, ServerSink, Sink, SinkError, VideoSink, open_sink, parse_host_port
 from runtime.sources import ImageSource, Source, open_source
-from runtime.stats import Stats
+from runtime.stats import CUDA_STAGES, STAGES, Stats
 
 log = logging.getLogger("edgeseg.runtime")
 
 STATS_EVERY_S = 2.0  # how often a running stream rewrites stats.json
+CUDA_KEYS = tuple(f"cuda_{s}" for s in CUDA_STAGES)
 SERVER_STATS_EVERY_S = 0.5
+
+
+def cuda_timings(cuda_ms: dict) -> dict:
+    """CUDA milliseconds per stage (runtime.cuda.frames) as the timing keys Stats reports beside the CPU ones."""
+    return {f"cuda_{k}": v for k, v in cuda_ms.items()}
+
+
+def nv12_to_bgr(frame) -> np.ndarray:
+    """An NV12 frame ((H * 3 / 2, W) uint8) as BGR, for the CPU path (the GPU path converts per sample)."""
+    return cv2.cvtColor(check_nv12(frame), cv2.COLOR_YUV2BGR_NV12)
 
 
 class Stream:
@@ -99,11 +113,13 @@ class Segmenter:
     smoothing / keep / ignore / threshold / scores / fill: see runtime.postprocess.Postprocessor.
     engine_options go to the engine (ONNX Runtime: threads=, providers=). engine: an engine opened
     already (its `backend` attribute names it); then backend/engine_options are not used.
+    gpu_frames: with a TensorRT engine, keep frames on the GPU (default); False runs the CPU path
+    around `engine.infer`. `.frame_path` says which path runs and why.
     """
 
     def __init__(self, bundle, backend: str = "auto", precision: str | None = None, smoothing: float = 0.0,
                  keep=None, ignore=None, threshold: float | None = None, scores: bool = False, fill: int | None = None,
-                 engine=None, backend_reason: str | None = None, **engine_options):
+                 engine=None, backend_reason: str | None = None, gpu_frames: bool = True, **engine_options):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         m = self.bundle.manifest
         if m.task != "semantic-segmentation":
@@ -126,16 +142,27 @@ class Segmenter:
         self.postprocessor = Postprocessor.from_manifest(m, **self._post_options)
         names = [o.name for o in self.engine.outputs]
         self._output = m.output_name if m.output_name in names else names[0]
-        self._on_device = getattr(self.engine, "preprocess_on_device", None)
         self._apply = self.preprocess.apply
+        self._gpu, self.frame_path = self._open_gpu_path(gpu_frames)
         self.stats = Stats()
         self._stats_info(self.stats)
         self._index = 0
 
+    def _open_gpu_path(self, wanted: bool):
+        """(the GPU frame path or None, which path runs and why)."""
+        if self.engine.backend != "tensorrt":
+            return None, f"cpu: the {self.engine.backend} engine takes host arrays"
+        if not wanted:
+            return None, "cpu: gpu_frames=False"
+        from runtime.cuda.frames import GpuFramePath
+
+        path = GpuFramePath(self.engine, self.bundle.manifest, self.postprocessor)
+        how = "gpu" if path.on_gpu else f"gpu preprocessing and engine, postprocessing on the cpu: {path.why_cpu}"
+        log.info("frames: %s", how)
+        return path, how
+
     # -- the stages -------------------------------------------------------------------------
     def _preprocess(self, image: np.ndarray):
-        if self._on_device is not None:
-            return self._on_device(image)
         return self._apply(image)
 
     def _infer(self, batch) -> np.ndarray:
@@ -146,11 +173,19 @@ class Segmenter:
             "bundle": str(self.bundle.path), "model": self.bundle.manifest.model.get("name"),
             "backend": self.backend, "backend_reason": self.backend_reason, "precision": self.precision,
             "input_size": list(self.preprocess.size), "output_kind": self.bundle.manifest.output_kind,
+            "frame_path": self.frame_path,
         })
 
     # -- one frame --------------------------------------------------------------------------
-    def segment(self, frame: np.ndarray) -> SegmentationResult:
-        """Segment one BGR uint8 frame (HxWx3). Smoothing, when on, carries over between calls."""
+    def segment(self, frame: np.ndarray, pixel_format: str = "bgr") -> SegmentationResult:
+        """Segment one BGR uint8 frame (HxWx3), or an NV12 one ((H * 3 / 2, W) uint8, as hardware
+        decoders and CSI cameras give: pixel_format="nv12"). Smoothing, when on, carries over between calls."""
+        if pixel_format == "nv12" and self._gpu is None:
+            frame = nv12_to_bgr(frame)
+        elif pixel_format not in ("bgr", "nv12"):
+            raise FrameError(f"pixel_format must be bgr or nv12, got {pixel_format!r}")
+        if self._gpu is not None:
+            return self._segment_gpu(frame, pixel_format)
         check_frame(frame)
         t0 = time.perf_counter()
         x = self._preprocess(frame)
@@ -160,6 +195,15 @@ class Segmenter:
         result = self.postprocessor(out, frame.shape[:2], frame=frame, frame_index=self._index)
         self._index += 1
         result.timings = {"preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3, **result.timings}
+        self.stats.add_timings(result.timings)
+        self.stats.frame_out((time.perf_counter() - t0) * 1e3)
+        return result
+
+    def _segment_gpu(self, frame: np.ndarray, pixel_format: str) -> SegmentationResult:
+        t0 = time.perf_counter()
+        result, _, cuda_ms, cpu_ms = self._gpu.segment(frame, self.postprocessor, self._index, pixel_format)
+        self._index += 1
+        result.timings = {**cpu_ms, **cuda_timings(cuda_ms)}
         self.stats.add_timings(result.timings)
         self.stats.frame_out((time.perf_counter() - t0) * 1e3)
         return result
@@ -222,23 +266,47 @@ class Segmenter:
         self.stats = stats
         post = Postprocessor.from_manifest(self.bundle.manifest, **self._post_options)
         servers = [s for s in sinks if isinstance(s, ServerSink)]
-        draw = render or (lambda r: r.overlay(alpha=alpha, mode=mode))
-        if legend:
-            plain, annotator = draw, Legend()
-            draw = lambda r: annotator.annotate(plain(r), r)  # noqa: E731
+        plain = render or (lambda r: r.overlay(alpha=alpha, mode=mode))
+        annotator = Legend() if legend else None
+
+        def draw(r: SegmentationResult, drawn: np.ndarray | None) -> np.ndarray:
+            """The sinks' image: the overlay (drawn on the GPU already, or here), then the legend."""
+            image = drawn if drawn is not None else plain(r)
+            return annotator.annotate(image, r) if annotator is not None else image
+
         stats_path = Path(stats_path) if stats_path else None
 
-        def preprocess(w: Work):
-            return self._preprocess(w.frame.image)
+        if self._gpu is not None:
+            gpu = self._gpu
+            gpu.reset()  # a stream that ended early may have left frames in flight
+            # the sinks' overlay, drawn on the GPU where it is the default blend or fill
+            alpha_gpu = None if not sinks or render is not None or mode not in ("blend", "fill") else (
+                1.0 if mode == "fill" else float(alpha))
 
-        def infer(w: Work):
-            return self._infer(w.data)
+            def preprocess(w: Work):
+                return gpu.upload(w.frame.image, overlay=alpha_gpu)
 
-        def postprocess(w: Work):
-            r = post(w.data, w.frame.image.shape[:2], frame=w.frame.image, frame_index=w.frame.index, timestamp=w.frame.timestamp)
-            r.frame_name = w.frame.name
-            r.timings.pop("postprocess", None)  # the pipeline times the whole stage
-            return r
+            def infer(w: Work):
+                return gpu.infer(w.data)
+
+            def postprocess(w: Work):
+                r, drawn, cuda_ms = gpu.collect(w.data, post, w.frame.index, w.frame.timestamp, frame=w.frame.image)
+                r.frame_name = w.frame.name
+                w.timings.update(cuda_timings(cuda_ms))
+                return r, drawn
+        else:
+            def preprocess(w: Work):
+                return self._preprocess(w.frame.image)
+
+            def infer(w: Work):
+                return self._infer(w.data)
+
+            def postprocess(w: Work):
+                r = post(w.data, w.frame.image.shape[:2], frame=w.frame.image, frame_index=w.frame.index,
+                         timestamp=w.frame.timestamp)
+                r.timings.pop("postprocess", None)  # the pipeline times the whole stage
+                r.frame_name = w.frame.name
+                return r, None
 
         old_threads = cv2.getNumThreads()
         if cv2_threads is not None:
@@ -249,10 +317,10 @@ class Segmenter:
         last_server = last_file = time.perf_counter()
         try:
             for work in pipeline:
-                result: SegmentationResult = work.data
+                result, drawn = work.data
                 t0 = time.perf_counter()
                 if sinks:
-                    image = draw(result)
+                    image = draw(result, drawn)
                     for s in sinks:
                         s.write(image, result)
                 t1 = time.perf_counter()
@@ -260,7 +328,7 @@ class Segmenter:
                 timings["sink"] = (t1 - t0) * 1e3
                 latency = (t1 - work.ready) * 1e3
                 timings["queue"] = max(0.0, latency - sum(timings.get(k, 0.0) for k in ("preprocess", "inference", "postprocess", "sink")))
-                result.timings = {k: timings[k] for k in ("capture", "queue", "preprocess", "inference", "postprocess", "sink") if k in timings}
+                result.timings = {k: timings[k] for k in (*STAGES, *CUDA_KEYS) if k in timings}
                 stats.add_timings(result.timings)
                 stats.frame_out(latency)
                 if servers and t1 - last_server >= SERVER_STATS_EVERY_S:
@@ -277,6 +345,8 @@ class Segmenter:
                 if any(s.stopped for s in sinks):
                     break
         finally:
+            if self._gpu is not None:
+                self._gpu.cancel()  # a stage waiting for a free slot gives up
             pipeline.close()
             errors = []
             for s in sinks:
@@ -304,6 +374,8 @@ class Segmenter:
         if frame is None:
             h, w = self.preprocess.size
             frame = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        if self._gpu is not None:
+            return self._gpu.engine_fps(frames, warmup)
         x = self._preprocess(check_frame(frame))
         for _ in range(max(1, warmup)):
             self._infer(x)
@@ -314,6 +386,9 @@ class Segmenter:
 
     # -- lifecycle --------------------------------------------------------------------------
     def close(self) -> None:
+        gpu, self._gpu = getattr(self, "_gpu", None), None
+        if gpu is not None:
+            gpu.close()
         engine, self.engine = getattr(self, "engine", None), None
         if engine is not None:
             engine.close()

@@ -13,8 +13,9 @@ import cv2
 import numpy as np
 import pytest
 
-from edgeseg.spec import Preprocess, unletterbox
-from runtime.cuda.kernels import SOURCE_DIR, classify_reference, overlay_reference
+from edgeseg.spec import Preprocess
+from runtime.cuda.kernels import SOURCE_DIR, PostTables, overlay_reference
+from runtime.postprocess import Postprocessor, shown_lut
 
 FRAME_SIZES = [(37, 53), (480, 641), (721, 1279), (100, 30), (1080, 1920)]
 SPECS = [
@@ -65,23 +66,110 @@ def test_host_preprocess_nv12_matches_opencv_conversion(host, rng):
         assert np.abs(host.preprocess(pre, yuv, "nv12") - ref).max() <= 1e-3
 
 
-def test_host_classify_is_exact(host, rng):
-    logits = rng.standard_normal((2, 5, 37, 41)).astype(np.float32)
-    logits[0, 3, :6, :6] = logits[0, 1, :6, :6]  # ties: the first class wins, as numpy.argmax
-    assert np.array_equal(host.classify(logits), classify_reference(logits))
-    single = rng.standard_normal((1, 1, 33, 17)).astype(np.float32)
-    assert np.array_equal(host.classify(single, 0.25), classify_reference(single, 0.25))
+def _smooth_logits(rng, c, h, w):
+    """Scores with regions, as a network gives: uniform cells and class edges both occur."""
+    low = rng.standard_normal((c, h // 4 + 2, w // 4 + 2)).astype(np.float32)
+    return np.stack([cv2.resize(p, (w, h), interpolation=cv2.INTER_LINEAR) for p in low])[None]
 
 
-def test_host_overlay_and_frame_class_map_are_exact(host, rng):
-    palette_bgr = PALETTE_RGB[:, ::-1]
-    for (fh, fw), pre in [((480, 641), SPECS[1]), ((37, 53), SPECS[0]), ((1080, 1920), SPECS[2]), ((100, 30), SPECS[3])]:
-        classes = rng.integers(0, 6, pre.size, dtype=np.uint8)  # 5 is out of the palette: left undrawn
+CLASSIFY_CASES = [  # (preprocess, frame size, score map size): upsampling, stride heads, shrinking, letterbox
+    (Preprocess(size=(64, 96), resize="letterbox"), (480, 641), (64, 96)),
+    (Preprocess(size=(128, 128)), (720, 1280), (32, 32)),
+    (Preprocess(size=(100, 60), resize="letterbox"), (37, 53), (100, 60)),
+    (Preprocess(size=(96, 160), resize="letterbox"), (1080, 1920), (12, 20)),
+]
+
+
+@pytest.mark.parametrize("pre,frame_hw,map_hw", CLASSIFY_CASES, ids=lambda v: "x".join(map(str, getattr(v, "size", v))))
+@pytest.mark.parametrize("smooth", [True, False], ids=["regions", "noise"])
+def test_host_classify_equals_the_cpu_postprocessing(host, rng, pre, frame_hw, map_hw, smooth):
+    """Bit for bit the CPU path's class map: bilinear upsampling of the scores, letterbox removed."""
+    post = Postprocessor([f"c{i}" for i in range(5)], PALETTE_RGB.tolist(), pre)
+    logits = _smooth_logits(rng, 5, *map_hw) if smooth else rng.standard_normal((1, 5, *map_hw)).astype(np.float32)
+    expected = post(logits, frame_hw).class_map
+    box = post._box(map_hw, frame_hw)
+    assert np.array_equal(host.classify(logits, box, frame_hw), expected)
+    nhwc = np.ascontiguousarray(logits.transpose(0, 2, 3, 1))
+    assert np.array_equal(host.classify(nhwc, box, frame_hw, layout="nhwc"), expected)
+
+
+def test_host_classify_hidden_classes_use_the_postprocessors_table(host, rng):
+    pre = Preprocess(size=(64, 64))
+    post = Postprocessor(["background", "a", "b", "c", "d"], PALETTE_RGB.tolist(), pre, ignore=["b"], keep=None)
+    logits = _smooth_logits(rng, 5, 64, 64)
+    lut = PostTables.from_postprocessor(post).lut
+    out = host.classify(logits, post._box((64, 64), (90, 120)), (90, 120), lut=lut)
+    assert np.array_equal(out, post(logits, (90, 120)).class_map) and not np.any(out == 2)
+
+
+def test_host_classify_one_channel_thresholds_the_upsampled_score(host, rng):
+    logits = rng.standard_normal((1, 1, 33, 17)).astype(np.float32)
+    up = cv2.resize(logits[0, 0], (40, 70), interpolation=cv2.INTER_LINEAR)
+    out = host.classify(logits, (0, 0, 33, 17), (70, 40), threshold=0.25)
+    near = np.abs(up - 0.25) < 1e-4  # OpenCV's float rounding may differ from the kernel's on the line
+    assert np.array_equal(out[~near], (up > 0.25).astype(np.uint8)[~near])
+
+
+def _upsampled_argmax(logits, box, frame_hw):
+    """numpy.argmax over classes of the bilinearly upsampled crop (the CPU path's float32 arithmetic)."""
+    from runtime.postprocess import bilinear_axis
+
+    top, left, bh, bw = box
+    crop = logits[0, :, top: top + bh, left: left + bw].astype(np.float32)
+    y0, y1, wy = bilinear_axis(bh, frame_hw[0])
+    x0, x1, wx = bilinear_axis(bw, frame_hw[1])
+    a, b = crop[:, y0][:, :, x0], crop[:, y0][:, :, x1]
+    c, d = crop[:, y1][:, :, x0], crop[:, y1][:, :, x1]
+    t = a + (b - a) * wx[None, None, :]
+    u = c + (d - c) * wx[None, None, :]
+    return (t + (u - t) * wy[None, :, None]).argmax(0).astype(np.uint8)
+
+
+def test_host_argmax_nan_follows_numpy(host, rng):
+    """numpy.argmax returns the first NaN; the kernel must not skip NaN scores."""
+    logits = np.zeros((1, 4, 2, 3), np.float32)
+    logits[0, 1] = 5.0  # class 1 wins everywhere...
+    logits[0, 2, 0, 0] = np.nan  # ...except where a NaN comes first
+    logits[0, 0, 0, 1] = np.nan  # a NaN in class 0
+    logits[0, 3, 1, 2] = np.nan
+    logits[0, 2, 1, 2] = np.nan  # two NaNs: the first wins
+    expected = logits[0].argmax(0).astype(np.uint8)
+    assert expected.tolist() == [[2, 0, 1], [1, 1, 2]]
+    assert np.array_equal(host.classify(logits, (0, 0, 2, 3), (2, 3)), expected)  # same size: the argmax itself
+    # upsampled: NaN spreads into the samples it touches, and there the first NaN class wins, as numpy's
+    # argmax of the interpolated scores says
+    assert np.array_equal(host.classify(logits, (0, 0, 2, 3), (5, 7)), _upsampled_argmax(logits, (0, 0, 2, 3), (5, 7)))
+    big = _smooth_logits(rng, 6, 24, 32)
+    big[0, rng.integers(0, 6, 12), rng.integers(0, 24, 12), rng.integers(0, 32, 12)] = np.nan
+    assert np.array_equal(host.classify(big, (2, 0, 20, 32), (90, 160)), _upsampled_argmax(big, (2, 0, 20, 32), (90, 160)))
+
+
+def test_host_overlay_is_exact(host, rng):
+    palette = np.zeros((256, 3), np.uint8)
+    palette[:5] = PALETTE_RGB[:, ::-1]
+    draw = shown_lut(5, 0, {3})  # background (0) and a hidden class (3) stay undrawn, as do unknown classes
+    for fh, fw in [(480, 641), (37, 53), (1080, 1920)]:
+        classes = rng.integers(0, 7, (fh, fw), dtype=np.uint8)
         frame = rng.integers(0, 256, (fh, fw, 3), np.uint8)
-        frame_classes, overlay = host.overlay(classes, pre, frame, palette_bgr, alpha=0.45)
-        ref_classes = unletterbox(classes, pre, (fh, fw))
-        assert np.array_equal(frame_classes, ref_classes), (fh, fw)
-        assert np.array_equal(overlay, overlay_reference(frame, ref_classes, palette_bgr, 0.45)), (fh, fw)
+        for alpha in (0.45, 1.0):
+            out = host.overlay(classes, frame, palette, draw, alpha=alpha)
+            assert np.array_equal(out, overlay_reference(frame, classes, palette, alpha, draw)), (fh, fw, alpha)
+
+
+def test_host_overlay_matches_the_results_overlay(host, rng):
+    """Within a grey level of SegmentationResult.overlay (OpenCV's addWeighted rounds its own way)."""
+    from runtime.postprocess import SegmentationResult
+
+    classes = rng.integers(0, 5, (120, 160), dtype=np.uint8)
+    frame = rng.integers(0, 256, (120, 160, 3), np.uint8)
+    labels = ["background", "a", "b", "c", "d"]
+    post = Postprocessor(labels, PALETTE_RGB.tolist(), Preprocess(size=(8, 8)))
+    r = SegmentationResult(classes, labels, PALETTE_RGB.tolist(), frame=frame, background=post.background)
+    t = PostTables.from_postprocessor(post)
+    for alpha, mode in ((0.4, "blend"), (1.0, "fill")):
+        diff = np.abs(host.overlay(classes, frame, t.palette_bgr, t.draw, alpha).astype(int)
+                      - r.overlay(alpha=alpha, mode=mode).astype(int))
+        assert diff.max() <= 1
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (CUDA toolkit) is not installed")
@@ -139,32 +227,39 @@ def test_gpu_preprocess_float16_uint8_and_nv12(gpu, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
 def test_gpu_classify_and_overlay_are_exact(gpu, rng, dtype):
-    from runtime.cuda.kernels import GpuPostprocessor
+    from runtime.cuda.kernels import GpuPostprocessor, host_library
 
     cuda = gpu.cuda
-    pre = Preprocess(size=(96, 160), resize="letterbox")
-    logits = rng.standard_normal((1, 5, 96, 160)).astype(dtype)
-    frame = rng.integers(0, 256, (721, 1279, 3), np.uint8)
-    post = GpuPostprocessor(5, PALETTE_RGB, gpu)
+    pre, frame_hw, map_hw = CLASSIFY_CASES[0]
+    post = Postprocessor([f"c{i}" for i in range(5)], PALETTE_RGB.tolist(), pre)
+    logits = _smooth_logits(rng, 5, *map_hw).astype(dtype)
+    logits[0, 2, 5, 7] = np.nan  # the NaN rule on the device too
+    frame = rng.integers(0, 256, (*frame_hw, 3), np.uint8)
+    tables = PostTables.from_postprocessor(post)
+    k = GpuPostprocessor(tables, gpu)
+    box = post._box(map_hw, frame_hw)
     with gpu.active():
         stream = cuda.Stream()
-        d_logits, d_cls = cuda.mem_alloc(logits.nbytes), cuda.mem_alloc(96 * 160)
-        d_frame, d_out, d_map = cuda.mem_alloc(frame.nbytes), cuda.mem_alloc(frame.nbytes), cuda.mem_alloc(721 * 1279)
-        cuda.memcpy_htod(d_logits, logits)
-        cuda.memcpy_htod(d_frame, frame)
-        post.classify(int(d_logits), logits.shape, logits.dtype, int(d_cls), stream)
-        post.to_frame(int(d_cls), pre.size, pre.letterbox(frame.shape[:2]), frame.shape[:2], stream,
-                      frame_classes_ptr=int(d_map), frame_ptr=int(d_frame), frame_pitch=frame.strides[0],
-                      out_ptr=int(d_out), out_pitch=frame.strides[0], alpha=0.45)
-        classes, frame_classes, overlay = np.empty((96, 160), np.uint8), np.empty((721, 1279), np.uint8), np.empty_like(frame)
-        cuda.memcpy_dtoh_async(classes, d_cls, stream)
-        cuda.memcpy_dtoh_async(frame_classes, d_map, stream)
-        cuda.memcpy_dtoh_async(overlay, d_out, stream)
+        h_logits = cuda.pagelocked_empty(logits.shape, logits.dtype)
+        h_frame = cuda.pagelocked_empty(frame.shape, np.uint8)
+        np.copyto(h_logits, logits)
+        np.copyto(h_frame, frame)
+        h_map, h_out = cuda.pagelocked_empty(frame_hw, np.uint8), cuda.pagelocked_empty(frame.shape, np.uint8)
+        d_logits, d_frame = cuda.mem_alloc(logits.nbytes), cuda.mem_alloc(frame.nbytes)
+        d_map, d_out = cuda.mem_alloc(h_map.nbytes), cuda.mem_alloc(frame.nbytes)
+        cuda.memcpy_htod_async(d_logits, h_logits, stream)
+        cuda.memcpy_htod_async(d_frame, h_frame, stream)
+    k.classify(int(d_logits), logits.shape, logits.dtype, box, frame_hw, int(d_map), stream)  # pushes the context itself
+    k.overlay(int(d_map), frame_hw, int(d_frame), frame.strides[0], int(d_out), frame.strides[0], stream, alpha=0.45)
+    with gpu.active():
+        cuda.memcpy_dtoh_async(h_map, d_map, stream)
+        cuda.memcpy_dtoh_async(h_out, d_out, stream)
         stream.synchronize()
-        for a in (d_logits, d_cls, d_frame, d_out, d_map):
+        for a in (d_logits, d_frame, d_map, d_out):
             a.free()
-    post.close()
-    assert np.array_equal(classes, classify_reference(logits)[0])
-    ref_classes = unletterbox(classes, pre, frame.shape[:2])
-    assert np.array_equal(frame_classes, ref_classes)
-    assert np.array_equal(overlay, overlay_reference(frame, ref_classes, PALETTE_RGB[:, ::-1], 0.45))
+    k.close()
+    expected = host_library().classify(logits.astype(np.float32), box, frame_hw)
+    assert np.array_equal(h_map, expected)
+    if dtype == np.float32:
+        assert np.mean(h_map == post(logits, frame_hw).class_map) == 1.0 or np.isnan(logits).any()
+    assert np.array_equal(h_out, overlay_reference(frame, expected, tables.palette_bgr, 0.45, tables.draw))

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from edgeseg.bundle import Bundle
-from edgeseg.spec import unletterbox
 
 pytestmark = pytest.mark.tensorrt
 
@@ -145,7 +144,7 @@ def test_preprocess_kernel_feeds_the_engine_directly(bundle, frames):
             cuda.memcpy_htod(d_frame, frame)
             k.launch(int(d_frame), frame.shape[:2], frame.strides[0], int(d_input), engine.stream)
             (out,) = engine.infer_device(int(d_input)).values()
-            logits = np.empty(out.shape, out.dtype)
+            logits = cuda.pagelocked_empty(out.shape, out.dtype)  # async copies need page-locked memory
             cuda.memcpy_dtoh_async(logits, out.ptr, engine.stream)
             engine.stream.synchronize()
             d_frame.free()
@@ -156,21 +155,32 @@ def test_preprocess_kernel_feeds_the_engine_directly(bundle, frames):
         engine.close()
 
 
-def test_gpu_pipeline_two_frames_in_flight(bundle, frames):
-    from runtime.cuda.kernels import GpuPipeline
-    from runtime.engines.tensorrt import TensorRTEngine
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_gpu_frame_path_two_frames_in_flight(bundle, frames, precision, tmp_path):
+    """The Segmenter's GPU frame path on a real engine: class maps as ONNX Runtime's CPU path gives."""
+    from converters.tensorrt import build_bundle_engine
+    from runtime.segmenter import Segmenter
 
-    engine = TensorRTEngine.from_bundle(bundle, "fp32")
-    pipe = GpuPipeline(engine, bundle.manifest, in_flight=2, overlay=True)
+    build_bundle_engine(bundle.path, precision, parity_frames=0)
+    b = Bundle.load(bundle.path)
+    seg = Segmenter(b, backend="tensorrt", precision=precision)
+    cpu = Segmenter(b, backend="onnxruntime")
     try:
-        results = list(pipe.run(frames))
-        assert [r.index for r in results] == list(range(len(frames)))
-        pre = bundle.manifest.preprocess
-        for f, r, ref in zip(frames, results, _ort_outputs(bundle, frames)):
-            expected = unletterbox(ref.argmax(1)[0].astype(np.uint8), pre, f.shape[:2])
-            assert r.class_map.shape == f.shape[:2] and r.overlay.shape == f.shape
-            assert np.mean(r.class_map == expected) >= AGREEMENT["fp32"]
-            assert r.timings["gpu_total_ms"] > 0
+        assert seg.frame_path == "gpu"
+        for f in frames:
+            assert np.mean(seg.segment(f).class_map == cpu.segment(f).class_map) >= AGREEMENT[precision]
+        folder = tmp_path / "frames"
+        folder.mkdir()
+        import cv2
+
+        for i, f in enumerate(frames):
+            cv2.imwrite(str(folder / f"{i:02d}.png"), f)
+        results = list(seg.stream(str(folder), save=str(tmp_path / "out" / "%05d.png")))
+        assert [r.frame_index for r in results] == list(range(len(frames)))
+        for f, r in zip(frames, results):
+            assert np.mean(r.class_map == cpu.segment(f).class_map) >= AGREEMENT[precision]
+        summary = seg.stats.summary()
+        assert summary["cuda_stages"]["inference"]["mean_ms"] > 0
+        assert len(list((tmp_path / "out").iterdir())) == len(frames)
     finally:
-        pipe.close()
-        engine.close()
+        seg.close()

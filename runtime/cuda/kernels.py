@@ -1,18 +1,18 @@
-"""CUDA preprocessing and postprocessing through pycuda, and the two-frames-in-flight GPU pipeline.
+"""The CUDA kernels of the GPU frame path, launched through pycuda, and their host build.
 
-    from runtime.cuda.kernels import GpuPipeline
-    pipe = GpuPipeline(engine, bundle.manifest)       # engine: runtime.engines.tensorrt.TensorRTEngine
-    for res in pipe.run(frames):                      # frames: BGR uint8 arrays
-        res.class_map, res.overlay, res.timings
+    pre = GpuPreprocessor(preprocess, gpu)              # frame (device) -> network input (device)
+    post = GpuPostprocessor(tables, gpu)                # scores (device) -> class map, overlay (device)
 
-Each frame goes: pinned host buffer -> async copy -> fused preprocessing kernel writing the engine's
-input buffer -> TensorRT -> classify kernel -> frame-size class map (+ overlay) -> async copy back.
-Two frames are in flight on two streams, so one frame's copies overlap the other's compute.
+`preprocess.cu` holds the fused preprocessing (resize, letterbox, colour order, normalisation,
+layout, dtype, BGR or NV12 input), `postprocess.cu` the classification at frame size (bilinear
+upsampling of the scores as runtime.postprocess does, letterbox removed, argmax or one-channel
+threshold, hidden classes) and the overlay blend. They are compiled once per device context with
+pycuda's SourceModule (pycuda also caches the cubin on disk). Every launch makes the context
+current itself, so any thread may call it.
 
-The kernels (`preprocess.cu`, `postprocess.cu`) are compiled once per device context with pycuda's
-SourceModule (pycuda also caches the cubin on disk). `host_library()` compiles the same per-pixel
-code for the CPU with the system C++ compiler, which the tests use to check the arithmetic against
-`edgeseg.spec.Preprocess.apply` where no GPU exists.
+`HostKernels` compiles the same per-pixel code for the CPU with the system C++ compiler; the
+tests check it against `edgeseg.spec.Preprocess.apply` and the CPU postprocessing where no GPU
+exists, and the CPU-side wiring test runs the whole GPU frame path on it.
 """
 from __future__ import annotations
 
@@ -24,15 +24,12 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
-from edgeseg.spec import Preprocess, check_frame
+from edgeseg.spec import FrameError, Preprocess, check_frame, check_nv12
 from runtime.engines.base import EngineError
 
 SOURCE_DIR = Path(__file__).resolve().parent
@@ -40,11 +37,18 @@ SOURCES = ("preprocess.cu", "postprocess.cu")
 SRC_FORMATS = {"bgr": 0, "rgb": 1, "nv12": 2}
 OUT_DTYPES = {"float32": 0, "float16": 1, "uint8": 2}
 LAYOUTS = {"nchw": 0, "nhwc": 1}
+SCORE_DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
 BLOCK = (32, 8, 1)
-# Kernel argument formats for pycuda's prepared calls (struct codes: P pointer, i int32, f float32, d float64).
+# Kernel argument formats for pycuda's prepared calls (struct codes: P pointer, i int32, f float32, d float64);
+# the host build's entry points take the same arguments.
 PRE_ARGS = "PPiiiiiPiiiiiiiiddifffffffi"
-CLASSIFY_ARGS = "PiiiiiiifP"
-OVERLAY_ARGS = "PiiiiiiPiiiPifiPiP"
+CLASSIFY_ARGS = "PiiiiiiiiiiiifPP"
+OVERLAY_ARGS = "PiiPiPPfPi"
+KERNELS = {  # entry point -> (source, argument format)
+    "edgeseg_preprocess": ("preprocess.cu", PRE_ARGS),
+    "edgeseg_classify": ("postprocess.cu", CLASSIFY_ARGS),
+    "edgeseg_overlay": ("postprocess.cu", OVERLAY_ARGS),
+}
 
 
 def kernel_source(name: str) -> str:
@@ -53,7 +57,7 @@ def kernel_source(name: str) -> str:
     return (SOURCE_DIR / name).read_text()
 
 
-# -- geometry shared by GPU and host launches ---------------------------------------------------------
+# -- arguments shared by GPU and host launches ------------------------------------------------------
 @dataclass(frozen=True)
 class PreArgs:
     """The scalar kernel arguments of `edgeseg_preprocess` for one frame size."""
@@ -78,8 +82,7 @@ class PreArgs:
         h, w = frame_hw
         H, W = pre.size
         box = pre.letterbox((h, w))
-        mean = np.asarray(pre.mean, np.float32)
-        inv_std = (1.0 / np.asarray(pre.std, np.float32)).astype(np.float32)  # as Preprocess.normalize
+        _, mean, inv_std = pre._normalization()  # the float32 constants Preprocess.apply uses
         return cls(
             src_w=w, src_h=h, dst_w=W, dst_h=H, out_dtype=OUT_DTYPES[pre.dtype], layout=LAYOUTS[pre.layout],
             box=(box.top, box.left, box.height, box.width),
@@ -95,36 +98,49 @@ class PreArgs:
                 self.out_rgb, self.pad, *self.mean, *self.inv_std, self.normalize)
 
 
-def _frame_hw(frame: np.ndarray, source_format: str) -> tuple[int, int]:
+def frame_hw(frame: np.ndarray, source_format: str) -> tuple[int, int]:
+    """(height, width) of a BGR/RGB frame, or of an NV12 one ((H * 3 / 2, W) uint8: Y plane, then UV)."""
     if source_format == "nv12":
-        if frame.ndim != 2 or frame.dtype != np.uint8 or frame.shape[0] % 3 or frame.shape[1] % 2:
-            raise ValueError(f"an NV12 frame is a (H * 3 / 2, W) uint8 array with even H and W, got {frame.shape} {frame.dtype}")
+        check_nv12(frame)
         return frame.shape[0] * 2 // 3, frame.shape[1]
+    if source_format not in SRC_FORMATS:
+        raise FrameError(f"pixel format must be one of {', '.join(SRC_FORMATS)}, got {source_format!r}")
     check_frame(frame)
     return frame.shape[:2]
 
 
-# -- NumPy references for postprocessing ------------------------------------------------------------
-def classify_reference(logits: np.ndarray, threshold: float | None = None) -> np.ndarray:
-    """(N, C, H, W) scores -> (N, H, W) uint8: argmax (first maximum), or score > threshold when C == 1."""
-    logits = np.asarray(logits)
-    if logits.shape[1] == 1:
-        return (logits[:, 0].astype(np.float32) > np.float32(threshold if threshold is not None else 0.0)).astype(np.uint8)
-    return logits.argmax(1).astype(np.uint8)
+@dataclass(frozen=True)
+class ClassifyArgs:
+    """The scalar arguments of `edgeseg_classify`: the score map, where the frame sits in it, the frame size."""
 
+    dtype: int
+    layout: int
+    c: int
+    h: int
+    w: int
+    box: tuple[int, int, int, int]  # top, left, height, width in the score map
+    frame_w: int
+    frame_h: int
+    mode: int  # 0 argmax, 1 threshold (one score channel)
+    threshold: float
 
-def overlay_reference(frame_bgr: np.ndarray, frame_classes: np.ndarray, palette_bgr: np.ndarray, alpha: float,
-                      skip_background: bool = True) -> np.ndarray:
-    """round(frame * (1 - alpha) + colour * alpha) in float32 where a class is drawn."""
-    palette_bgr = np.asarray(palette_bgr, np.uint8)
-    a = np.float32(alpha)
-    keep = np.float32(1.0) - a
-    colour = palette_bgr[np.minimum(frame_classes, len(palette_bgr) - 1)].astype(np.float32)
-    blended = np.clip(np.rint(frame_bgr.astype(np.float32) * keep + colour * a), 0, 255).astype(np.uint8)
-    draw = frame_classes < len(palette_bgr)
-    if skip_background:
-        draw &= frame_classes != 0
-    return np.where(draw[..., None], blended, frame_bgr)
+    @classmethod
+    def make(cls, shape: tuple[int, ...], dtype, layout: str, box: tuple[int, int, int, int],
+             frame_hw: tuple[int, int], threshold: float) -> "ClassifyArgs":
+        dt = np.dtype(dtype)
+        if dt not in SCORE_DTYPES:
+            raise EngineError(f"GPU postprocessing takes float32/float16 scores, the engine outputs {dt}")
+        if len(shape) != 4 or shape[0] != 1:
+            raise EngineError(f"GPU postprocessing takes a batch of one (1, C, H, W) score map, got {tuple(shape)}")
+        _, c, h, w = shape if layout == "nchw" else (shape[0], shape[3], shape[1], shape[2])
+        if c > 255:
+            raise EngineError(f"{c} classes do not fit a uint8 class map (at most 255)")
+        return cls(SCORE_DTYPES[dt], LAYOUTS[layout], int(c), int(h), int(w), tuple(int(v) for v in box),
+                   int(frame_hw[1]), int(frame_hw[0]), 1 if c == 1 else 0, float(threshold))
+
+    def scalars(self) -> tuple:
+        return (self.dtype, self.layout, self.c, self.h, self.w, *self.box, self.frame_w, self.frame_h, self.mode,
+                self.threshold)
 
 
 def logit_threshold(threshold: float, output_kind: str) -> float:
@@ -135,18 +151,30 @@ def logit_threshold(threshold: float, output_kind: str) -> float:
     return math.log(t / (1 - t))
 
 
+def overlay_reference(frame_bgr: np.ndarray, frame_classes: np.ndarray, palette_bgr: np.ndarray, alpha: float,
+                      draw: np.ndarray) -> np.ndarray:
+    """round(frame * (1 - alpha) + colour * alpha) in float32 where draw[class], the frame elsewhere
+    (NumPy, the arithmetic the overlay kernel must match bit for bit)."""
+    a = np.float32(alpha)
+    keep = np.float32(1.0) - a
+    colour = np.asarray(palette_bgr, np.uint8)[frame_classes].astype(np.float32)
+    blended = np.clip(np.rint(frame_bgr.astype(np.float32) * keep + colour * a), 0, 255).astype(np.uint8)
+    return np.where(np.asarray(draw)[frame_classes][..., None] != 0, blended, frame_bgr)
+
+
 # -- host build of the kernels' per-pixel code --------------------------------------------------------
 class HostKernels:
-    """The kernels' per-pixel code compiled for the CPU (g++/clang++), called through ctypes."""
+    """The kernels' per-pixel code compiled for the CPU (g++/clang++), called through ctypes.
+    `functions[name]` has the kernel's own signature (pointers as addresses)."""
 
     def __init__(self, directory: str | os.PathLike | None = None):
         cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++") or shutil.which("c++")
         if not cxx:
             raise RuntimeError("no C++ compiler found (g++ or clang++) to build the host kernels")
-        digest = hashlib.sha256((kernel_source("preprocess.cu") + kernel_source("postprocess.cu")).encode()).hexdigest()[:16]
+        digest = hashlib.sha256("".join(kernel_source(n) for n in SOURCES).encode()).hexdigest()[:16]
         out_dir = Path(directory or tempfile.gettempdir()) / f"edgeseg-host-kernels-{digest}"
         out_dir.mkdir(parents=True, exist_ok=True)
-        self._libs = {}
+        libs = {}
         for name in SOURCES:
             lib = out_dir / (Path(name).stem + ".so")
             if not lib.exists():
@@ -155,50 +183,57 @@ class HostKernels:
                 subprocess.run([cxx, "-x", "c++", "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(tmp),
                                 str(SOURCE_DIR / name)], check=True, capture_output=True)
                 os.replace(tmp, lib)
-            self._libs[name] = ctypes.CDLL(str(lib))
-        P, I, F, D = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_double
-        fmt = {"P": P, "i": I, "f": F, "d": D}
-        self.preprocess_fn = self._libs["preprocess.cu"].edgeseg_preprocess_host
-        self.preprocess_fn.argtypes = [fmt[c] for c in PRE_ARGS]
-        self.classify_fn = self._libs["postprocess.cu"].edgeseg_classify_host
-        self.classify_fn.argtypes = [fmt[c] for c in CLASSIFY_ARGS]
-        self.overlay_fn = self._libs["postprocess.cu"].edgeseg_overlay_host
-        self.overlay_fn.argtypes = [fmt[c] for c in OVERLAY_ARGS]
+            libs[name] = ctypes.CDLL(str(lib))
+        types = {"P": ctypes.c_void_p, "i": ctypes.c_int, "f": ctypes.c_float, "d": ctypes.c_double}
+        self.functions = {}
+        for entry, (source, fmt) in KERNELS.items():
+            fn = getattr(libs[source], entry + "_host")
+            fn.argtypes = [types[c] for c in fmt]
+            self.functions[entry] = fn
 
     def preprocess(self, pre: Preprocess, frame: np.ndarray, source_format: str = "bgr") -> np.ndarray:
         if pre.dtype == "float16":
             raise ValueError("the host build writes float32 and uint8 only (float16 stores are GPU intrinsics)")
-        h, w = _frame_hw(frame, source_format)
+        h, w = frame_hw(frame, source_format)
         a = PreArgs.make(pre, (h, w))
         frame = np.ascontiguousarray(frame)
         out = np.empty(pre.input_shape, np.uint8 if pre.dtype == "uint8" else np.float32)
         src, uv, pitch, uv_pitch = frame.ctypes.data, None, frame.strides[0], 0
         if source_format == "nv12":
             uv, uv_pitch = frame.ctypes.data + h * frame.strides[0], frame.strides[0]
-        self.preprocess_fn(src, uv, w, h, pitch, uv_pitch, SRC_FORMATS[source_format], out.ctypes.data,
-                           *a.scalars_after_dst())
+        self.functions["edgeseg_preprocess"](src, uv, w, h, pitch, uv_pitch, SRC_FORMATS[source_format], out.ctypes.data,
+                                             *a.scalars_after_dst())
         return out
 
-    def classify(self, logits: np.ndarray, threshold: float = 0.0) -> np.ndarray:
-        logits = np.ascontiguousarray(logits, np.float32)
-        n, c, h, w = logits.shape
-        out = np.empty((n, h, w), np.uint8)
-        self.classify_fn(logits.ctypes.data, 0, 0, n, c, h, w, 1 if c == 1 else 0, float(threshold), out.ctypes.data)
+    def classify(self, scores: np.ndarray, box: tuple[int, int, int, int], frame_size: tuple[int, int],
+                 threshold: float = 0.0, lut: np.ndarray | None = None, layout: str = "nchw") -> np.ndarray:
+        """(1, C, h, w) float32 scores -> (H, W) uint8 classes at frame size."""
+        scores = np.ascontiguousarray(scores, np.float32)
+        a = ClassifyArgs.make(scores.shape, scores.dtype, layout, box, frame_size, threshold)
+        out = np.empty(frame_size, np.uint8)
+        lut = None if lut is None else np.ascontiguousarray(lut, np.uint8)
+        self.functions["edgeseg_classify"](scores.ctypes.data, *a.scalars(), None if lut is None else lut.ctypes.data,
+                                           out.ctypes.data)
         return out
 
-    def overlay(self, classes: np.ndarray, pre: Preprocess, frame: np.ndarray, palette_bgr: np.ndarray,
-                alpha: float = 0.5, skip_background: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        classes = np.ascontiguousarray(classes, np.uint8)
-        frame = np.ascontiguousarray(frame)
-        palette = np.ascontiguousarray(palette_bgr, np.uint8)
-        fh, fw = frame.shape[:2]
-        box = pre.letterbox((fh, fw))
+    def overlay(self, classes: np.ndarray, frame: np.ndarray, palette_bgr: np.ndarray, draw: np.ndarray,
+                alpha: float = 0.5) -> np.ndarray:
+        classes, frame = np.ascontiguousarray(classes, np.uint8), np.ascontiguousarray(frame)
+        palette, draw = _table(palette_bgr, (256, 3)), _table(draw, (256,))
         out = np.empty_like(frame)
-        frame_classes = np.empty((fh, fw), np.uint8)
-        self.overlay_fn(classes.ctypes.data, classes.shape[1], classes.shape[0], box.top, box.left, box.height, box.width,
-                        frame.ctypes.data, fw, fh, frame.strides[0], palette.ctypes.data, len(palette), float(alpha),
-                        int(skip_background), out.ctypes.data, out.strides[0], frame_classes.ctypes.data)
-        return frame_classes, out
+        fh, fw = frame.shape[:2]
+        self.functions["edgeseg_overlay"](classes.ctypes.data, fw, fh, frame.ctypes.data, frame.strides[0],
+                                          palette.ctypes.data, draw.ctypes.data, float(alpha), out.ctypes.data,
+                                          out.strides[0])
+        return out
+
+
+def _table(values, shape: tuple[int, ...]) -> np.ndarray:
+    """A uint8 lookup table of `shape`, zero-filled past the values given (classes the model lacks)."""
+    out = np.zeros(shape, np.uint8)
+    values = np.asarray(values, np.uint8)
+    out[: len(values)] = values[: shape[0]]
+    return out
 
 
 @functools.lru_cache(maxsize=1)
@@ -213,33 +248,31 @@ def _gpu(gpu_or_device):
     return gpu_or_device if isinstance(gpu_or_device, GpuContext) else gpu_context(int(gpu_or_device or 0))
 
 
-def load_module(gpu, name: str):
-    """The compiled module for `name` in `gpu`'s context, compiled once per context (modules live in
-    a context, so the cache sits on the context object; pycuda also caches the cubin on disk)."""
-    mod = gpu.modules.get(name)
-    if mod is None:
-        try:
-            from pycuda.compiler import SourceModule
-        except ImportError as e:
-            raise EngineError(f"pycuda is not installed ({e}); pip install 'edgeseg[tensorrt]' on the GPU machine") from None
-        with gpu.active():
+def load_function(gpu, entry: str):
+    """A prepared kernel of `gpu`'s context, its module compiled once per context (modules live in a
+    context, so the cache sits on the context object; pycuda also caches the cubin on disk)."""
+    source, fmt = KERNELS[entry]
+    with gpu.lock:
+        mod = gpu.modules.get(source)
+        if mod is None:
             try:
-                # no_extern_c: the sources declare their entry points extern "C" themselves.
-                mod = SourceModule(kernel_source(name), no_extern_c=True, options=["-O3"])
-            except Exception as e:  # pycuda.driver.CompileError carries nvcc's output
-                raise EngineError(f"compiling runtime/cuda/{name} failed (is nvcc on PATH?): {e}") from None
-        gpu.modules[name] = mod
-    return mod
+                from pycuda.compiler import SourceModule
+            except ImportError as e:
+                raise EngineError(f"pycuda is not installed ({e}); pip install 'edgeseg[tensorrt]' on the GPU machine") from None
+            with gpu.active():
+                try:
+                    # no_extern_c: the sources declare their entry points extern "C" themselves.
+                    mod = SourceModule(kernel_source(source), no_extern_c=True, options=["-O3"])
+                except Exception as e:  # pycuda.driver.CompileError carries nvcc's output
+                    raise EngineError(f"compiling runtime/cuda/{source} failed (is nvcc on PATH?): {e}") from None
+            gpu.modules[source] = mod
+    fn = mod.get_function(entry)
+    fn.prepare(fmt)
+    return fn
 
 
-def _function(gpu, module: str, name: str, fmt: str):
-    f = load_module(gpu, module).get_function(name)
-    f.prepare(fmt)
-    return f
-
-
-def _grid(w: int, h: int, z: int = 1) -> tuple[int, int, int]:
-    return ((w + BLOCK[0] - 1) // BLOCK[0], (h + BLOCK[1] - 1) // BLOCK[1], z)
+def _grid(w: int, h: int) -> tuple[int, int, int]:
+    return ((w + BLOCK[0] - 1) // BLOCK[0], (h + BLOCK[1] - 1) // BLOCK[1], 1)
 
 
 class GpuPreprocessor:
@@ -248,257 +281,112 @@ class GpuPreprocessor:
     def __init__(self, pre: Preprocess, gpu=0):
         self.pre = pre
         self.gpu = _gpu(gpu)
-        self.fn = _function(self.gpu, "preprocess.cu", "edgeseg_preprocess", PRE_ARGS)
+        self.fn = load_function(self.gpu, "edgeseg_preprocess")
         self._args: dict[tuple[int, int], PreArgs] = {}
 
     @property
     def output_nbytes(self) -> int:
         return int(np.prod(self.pre.input_shape)) * np.dtype(self.pre.dtype).itemsize
 
-    def launch(self, src_ptr: int, frame_hw: tuple[int, int], src_pitch: int, dst_ptr: int, stream,
+    def launch(self, src_ptr: int, size: tuple[int, int], src_pitch: int, dst_ptr: int, stream,
                source_format: str = "bgr", uv_ptr: int = 0, uv_pitch: int = 0) -> None:
-        """Enqueue on `stream`: frame at src_ptr (device) -> network input at dst_ptr (device)."""
-        args = self._args.get(frame_hw)
+        """Enqueue on `stream`: frame of `size` (h, w) at src_ptr (device) -> network input at dst_ptr (device)."""
+        args = self._args.get(size)
         if args is None:
-            args = self._args[frame_hw] = PreArgs.make(self.pre, frame_hw)
-        h, w = frame_hw
-        self.fn.prepared_async_call(
-            _grid(args.dst_w, args.dst_h), BLOCK, stream, int(src_ptr), int(uv_ptr), w, h, int(src_pitch), int(uv_pitch),
-            SRC_FORMATS[source_format], int(dst_ptr), *args.scalars_after_dst())
+            args = self._args[size] = PreArgs.make(self.pre, size)
+        h, w = size
+        with self.gpu.active():
+            self.fn.prepared_async_call(
+                _grid(args.dst_w, args.dst_h), BLOCK, stream, int(src_ptr), int(uv_ptr), w, h, int(src_pitch),
+                int(uv_pitch), SRC_FORMATS[source_format], int(dst_ptr), *args.scalars_after_dst())
 
     def __call__(self, frame: np.ndarray, source_format: str = "bgr") -> np.ndarray:
-        """Host convenience (tests, tools): upload, run, download, synchronously."""
+        """Host convenience (tests, tools): upload, run, download, synchronously, through pinned buffers."""
         cuda = self.gpu.cuda
-        h, w = _frame_hw(frame, source_format)
-        frame = np.ascontiguousarray(frame)
+        h, w = frame_hw(frame, source_format)
         with self.gpu.active():
+            host_in = cuda.pagelocked_empty(frame.shape, np.uint8)
+            np.copyto(host_in, frame)
+            host_out = cuda.pagelocked_empty(self.pre.input_shape, np.dtype(self.pre.dtype))
             stream = cuda.Stream()
-            src = cuda.mem_alloc(frame.nbytes)
-            dst = cuda.mem_alloc(self.output_nbytes)
+            src, dst = cuda.mem_alloc(host_in.nbytes), cuda.mem_alloc(self.output_nbytes)
             try:
-                cuda.memcpy_htod_async(src, frame, stream)
-                uv = int(src) + h * frame.strides[0] if source_format == "nv12" else 0
-                self.launch(int(src), (h, w), frame.strides[0], int(dst), stream, source_format, uv, frame.strides[0] if uv else 0)
-                out = np.empty(self.pre.input_shape, np.dtype(self.pre.dtype))
-                cuda.memcpy_dtoh_async(out, dst, stream)
+                cuda.memcpy_htod_async(src, host_in, stream)
+                pitch = host_in.strides[0]
+                uv = int(src) + h * pitch if source_format == "nv12" else 0
+                self.launch(int(src), (h, w), pitch, int(dst), stream, source_format, uv, pitch if uv else 0)
+                cuda.memcpy_dtoh_async(host_out, dst, stream)
                 stream.synchronize()
             finally:
                 src.free()
                 dst.free()
-        return out
+            return np.array(host_out)
+
+
+@dataclass(frozen=True)
+class PostTables:
+    """What the postprocessing kernels look up per class: the class map's lookup table (hidden
+    classes -> fill), the BGR palette and which classes the overlay draws, 256 entries each."""
+
+    lut: np.ndarray | None  # (256,) uint8, None: classes as the scores give them
+    palette_bgr: np.ndarray  # (256, 3) uint8
+    draw: np.ndarray  # (256,) uint8, nonzero: blend this class's colour in
+
+    @classmethod
+    def from_postprocessor(cls, post) -> "PostTables":
+        """The tables of a runtime.postprocess.Postprocessor (its labels, palette, keep/ignore/fill)."""
+        from runtime.postprocess import shown_lut
+
+        palette = np.asarray(post.palette, np.uint8).reshape(-1, 3)[:, ::-1]
+        return cls(lut=np.asarray(post._lut, np.uint8) if post.hidden else None,
+                   palette_bgr=_table(palette, (256, 3)),
+                   draw=shown_lut(len(post.labels), post.background, post.hidden))
 
 
 class GpuPostprocessor:
-    """Launches the classify and overlay kernels."""
+    """Launches the classification and overlay kernels; its lookup tables live on the device."""
 
-    def __init__(self, num_classes: int, palette_rgb, gpu=0, output_kind: str = "logits", threshold: float = 0.5):
-        if output_kind not in ("logits", "probs"):
-            raise EngineError(f"GPU postprocessing needs logits or probabilities, this graph outputs {output_kind!r}; "
-                              "convert the model without --argmax")
+    def __init__(self, tables: PostTables, gpu=0, threshold: float = 0.0):
         self.gpu = _gpu(gpu)
-        self.num_classes = int(num_classes)
-        self.output_kind = output_kind
-        self.threshold = logit_threshold(threshold, output_kind)
-        self.classify_fn = _function(self.gpu, "postprocess.cu", "edgeseg_classify", CLASSIFY_ARGS)
-        self.overlay_fn = _function(self.gpu, "postprocess.cu", "edgeseg_overlay", OVERLAY_ARGS)
-        palette_bgr = np.ascontiguousarray(np.asarray(palette_rgb, np.uint8)[:, ::-1])
+        self.threshold = float(threshold)  # for one-channel scores: class 1 where score > threshold
+        self.classify_fn = load_function(self.gpu, "edgeseg_classify")
+        self.overlay_fn = load_function(self.gpu, "edgeseg_overlay")
+        cuda = self.gpu.cuda
+        self._tables = {}
         with self.gpu.active():
-            self.palette = self.gpu.cuda.mem_alloc(max(palette_bgr.nbytes, 1))
-            self.gpu.cuda.memcpy_htod(self.palette, palette_bgr)
-        self.palette_len = len(palette_bgr)
+            for name, table in (("lut", tables.lut), ("palette", tables.palette_bgr), ("draw", tables.draw)):
+                if table is not None:
+                    self._tables[name] = cuda.mem_alloc(table.nbytes)
+                    cuda.memcpy_htod(self._tables[name], np.ascontiguousarray(table, np.uint8))
 
-    def classify(self, logits_ptr: int, shape: tuple[int, int, int, int], dtype, out_ptr: int, stream,
-                 layout: str = "nchw") -> None:
-        """(N, C, H, W) (or NHWC) float32/float16 scores at logits_ptr -> (N, H, W) uint8 at out_ptr."""
-        dt = np.dtype(dtype)
-        if dt not in (np.float32, np.float16):
-            raise EngineError(f"classify takes float32/float16 scores, got {dt}")
-        n, c, h, w = shape if layout == "nchw" else (shape[0], shape[3], shape[1], shape[2])
-        self.classify_fn.prepared_async_call(
-            _grid(w, h, n), BLOCK, stream, int(logits_ptr), 1 if dt == np.float16 else 0, LAYOUTS[layout],
-            n, c, h, w, 1 if c == 1 else 0, float(self.threshold), int(out_ptr))
+    def classify(self, scores_ptr: int, shape: tuple[int, ...], dtype, box: tuple[int, int, int, int],
+                 size: tuple[int, int], out_ptr: int, stream, layout: str = "nchw") -> None:
+        """Enqueue: (1, C, h, w) (or NHWC) scores at scores_ptr -> (H, W) uint8 classes at frame size `size`
+        at out_ptr, the frame placed at `box` (top, left, height, width) of the score map."""
+        args = ClassifyArgs.make(shape, dtype, layout, box, size, self.threshold)
+        lut = self._tables.get("lut")
+        with self.gpu.active():
+            self.classify_fn.prepared_async_call(_grid(args.frame_w, args.frame_h), BLOCK, stream, int(scores_ptr),
+                                                 *args.scalars(), int(lut) if lut is not None else 0, int(out_ptr))
 
-    def to_frame(self, classes_ptr: int, classes_hw: tuple[int, int], box, frame_hw: tuple[int, int], stream, *,
-                 frame_classes_ptr: int = 0, frame_ptr: int = 0, frame_pitch: int = 0, out_ptr: int = 0,
-                 out_pitch: int = 0, alpha: float = 0.5, skip_background: bool = True) -> None:
-        """Frame-size class map and/or overlay from a network-size class map (letterbox removed)."""
-        fh, fw = frame_hw
-        self.overlay_fn.prepared_async_call(
-            _grid(fw, fh), BLOCK, stream, int(classes_ptr), classes_hw[1], classes_hw[0], box.top, box.left, box.height,
-            box.width, int(frame_ptr), fw, fh, int(frame_pitch), int(self.palette), self.palette_len, float(alpha),
-            int(skip_background), int(out_ptr), int(out_pitch), int(frame_classes_ptr))
+    def overlay(self, classes_ptr: int, size: tuple[int, int], frame_ptr: int, frame_pitch: int, out_ptr: int,
+                out_pitch: int, stream, alpha: float = 0.5) -> None:
+        """Enqueue: frame-size classes + BGR frame -> overlay (out_ptr may equal frame_ptr)."""
+        h, w = size
+        with self.gpu.active():
+            self.overlay_fn.prepared_async_call(_grid(w, h), BLOCK, stream, int(classes_ptr), w, h, int(frame_ptr),
+                                                int(frame_pitch), int(self._tables["palette"]), int(self._tables["draw"]),
+                                                float(alpha), int(out_ptr), int(out_pitch))
 
     def close(self) -> None:
-        if self.palette is not None:
+        if self._tables:
             with self.gpu.active():
-                self.palette.free()
-            self.palette = None
-
-
-@dataclass
-class GpuFrameResult:
-    index: int
-    class_map: np.ndarray  # (H, W) uint8 at frame size
-    overlay: np.ndarray | None  # BGR frame with the classes blended in, when requested
-    timings: dict[str, float] = field(default_factory=dict)  # GPU ms per stage (CUDA events), host ms
-
-
-class _FlightSlot:
-    """Buffers and events of one frame in flight."""
-
-    def __init__(self, cuda, index: int, input_nbytes: int, classes_nbytes: int):
-        self.index = index
-        self.stream = cuda.Stream()
-        self.events = {k: cuda.Event() for k in ("start", "uploaded", "preprocessed", "inferred", "classified", "done")}
-        self.input = cuda.mem_alloc(input_nbytes)
-        self.classes = cuda.mem_alloc(classes_nbytes)
-        self.frame_shape: tuple[int, ...] | None = None
-        self.frame_host = self.frame_dev = self.out_dev = self.map_dev = None
-        self.map_host = self.overlay_host = None
-        self.busy = False
-        self.meta: dict = {}
-
-    def ensure_frame(self, cuda, shape: tuple[int, ...], frame_hw: tuple[int, int], overlay: bool) -> None:
-        if self.frame_shape == shape:
-            return
-        for a in (self.frame_dev, self.out_dev, self.map_dev):
-            if a is not None:
-                a.free()
-        self.frame_host = cuda.pagelocked_empty(shape, np.uint8)
-        self.frame_dev = cuda.mem_alloc(int(np.prod(shape)))
-        h, w = frame_hw
-        self.map_dev = cuda.mem_alloc(h * w)
-        self.map_host = cuda.pagelocked_empty((h, w), np.uint8)
-        self.out_dev = cuda.mem_alloc(int(np.prod(shape))) if overlay else None
-        self.overlay_host = cuda.pagelocked_empty(shape, np.uint8) if overlay else None
-        self.frame_shape = shape
-
-    def free(self) -> None:
-        for a in (self.input, self.classes, self.frame_dev, self.out_dev, self.map_dev):
-            if a is not None:
-                a.free()
-        self.input = self.classes = self.frame_dev = self.out_dev = self.map_dev = None
-
-
-class GpuPipeline:
-    """Frames -> class maps (and overlays) entirely on the GPU, two frames in flight."""
-
-    def __init__(self, engine, manifest, *, in_flight: int = 2, overlay: bool = False, alpha: float = 0.5,
-                 threshold: float = 0.5, skip_background: bool = True, source_format: str = "bgr"):
-        if getattr(engine, "backend", None) != "tensorrt":
-            raise EngineError("GpuPipeline runs a TensorRTEngine; use the CPU pipeline for other backends")
-        self.engine, self.pre = engine, manifest.preprocess
-        self.gpu, self.cuda = engine.gpu, engine.gpu.cuda
-        self.overlay, self.alpha, self.skip_background = overlay, alpha, skip_background
-        if source_format not in SRC_FORMATS:
-            raise EngineError(f"source_format must be one of {sorted(SRC_FORMATS)}, got {source_format!r}")
-        if overlay and source_format != "bgr":
-            raise EngineError("the GPU overlay blends into BGR frames; use source_format='bgr' or overlay=False")
-        self.source_format = source_format
-        self.num_classes = manifest.num_classes
-        inp = engine.inputs[0]
-        shape = tuple(self.pre.input_shape)
-        engine.check_shape(inp, shape)
-        if np.dtype(self.pre.dtype) != inp.dtype:
-            raise EngineError(f"the engine's input {inp.name!r} is {inp.dtype}, preprocessing writes {self.pre.dtype}; "
-                              "rebuild the engine from this bundle")
-        self.input_name, self.input_shape = inp.name, shape
-        self.pre_k = GpuPreprocessor(self.pre, self.gpu)
-        self.post_k = GpuPostprocessor(manifest.num_classes, manifest.palette, self.gpu, manifest.output_kind, threshold)
-        engine.ensure_slots(in_flight)
-        H, W = self.pre.size
-        with self.gpu.active():
-            self.slots = [_FlightSlot(self.cuda, i, self.pre_k.output_nbytes, H * W) for i in range(in_flight)]
-        self._next = 0
-        self._count = 0
-
-    def submit(self, frame: np.ndarray) -> _FlightSlot:
-        """Enqueue one frame on the next free slot (waiting for that slot's previous frame first)."""
-        fh, fw = _frame_hw(frame, self.source_format)
-        slot = self.slots[self._next]
-        self._next = (self._next + 1) % len(self.slots)
-        if slot.busy:
-            raise EngineError("all frames in flight are pending; collect() one before submitting more")
-        t0 = time.perf_counter()
-        cuda, ev, s = self.cuda, slot.events, slot.stream
-        with self.gpu.active():
-            slot.ensure_frame(cuda, frame.shape, (fh, fw), self.overlay)
-            np.copyto(slot.frame_host, frame)
-            pitch = frame.shape[1] * (1 if self.source_format == "nv12" else 3)
-            ev["start"].record(s)
-            cuda.memcpy_htod_async(slot.frame_dev, slot.frame_host, s)
-            ev["uploaded"].record(s)
-            uv = int(slot.frame_dev) + fh * pitch if self.source_format == "nv12" else 0
-            self.pre_k.launch(int(slot.frame_dev), (fh, fw), pitch, int(slot.input), s, self.source_format, uv, pitch if uv else 0)
-            ev["preprocessed"].record(s)
-            outs = self.engine.infer_device({self.input_name: int(slot.input)}, {self.input_name: self.input_shape},
-                                            stream=s, slot=slot.index)
-            ev["inferred"].record(s)
-            logits = next(iter(outs.values()))
-            self.post_k.classify(logits.ptr, logits.shape, logits.dtype, int(slot.classes), s, layout=self._logits_layout(logits.shape))
-            ev["classified"].record(s)
-            box = self.pre.letterbox((fh, fw))
-            bgr_ptr = int(slot.frame_dev) if self.overlay and self.source_format == "bgr" else 0
-            self.post_k.to_frame(int(slot.classes), self.pre.size, box, (fh, fw), s, frame_classes_ptr=int(slot.map_dev),
-                                 frame_ptr=bgr_ptr, frame_pitch=pitch, out_ptr=int(slot.out_dev) if bgr_ptr else 0,
-                                 out_pitch=pitch, alpha=self.alpha, skip_background=self.skip_background)
-            cuda.memcpy_dtoh_async(slot.map_host, slot.map_dev, s)
-            if bgr_ptr:
-                cuda.memcpy_dtoh_async(slot.overlay_host, slot.out_dev, s)
-            ev["done"].record(s)
-        slot.busy = True
-        slot.meta = {"index": self._count, "submit_ms": (time.perf_counter() - t0) * 1e3, "overlay": bool(bgr_ptr)}
-        self._count += 1
-        return slot
-
-    def _logits_layout(self, shape: tuple[int, ...]) -> str:
-        H, W = self.pre.size
-        if len(shape) == 4 and tuple(shape[2:]) == (H, W):
-            return "nchw"
-        if len(shape) == 4 and tuple(shape[1:3]) == (H, W):
-            return "nhwc"
-        raise EngineError(f"the engine's output {shape} is not (N, C, {H}, {W}) scores at the input size; "
-                          "GPU postprocessing needs full-resolution logits")
-
-    def collect(self, slot: _FlightSlot) -> GpuFrameResult:
-        """Wait for a submitted frame and return its results (copies out of the pinned buffers)."""
-        ev = slot.events
-        t0 = time.perf_counter()
-        with self.gpu.active():
-            ev["done"].synchronize()
-            timings = {
-                "upload_ms": ev["uploaded"].time_since(ev["start"]),
-                "preprocess_ms": ev["preprocessed"].time_since(ev["uploaded"]),
-                "infer_ms": ev["inferred"].time_since(ev["preprocessed"]),
-                "postprocess_ms": ev["done"].time_since(ev["inferred"]),
-                "gpu_total_ms": ev["done"].time_since(ev["start"]),
-            }
-        timings["submit_ms"] = slot.meta["submit_ms"]
-        timings["wait_ms"] = (time.perf_counter() - t0) * 1e3
-        result = GpuFrameResult(slot.meta["index"], slot.map_host.copy(),
-                                slot.overlay_host.copy() if slot.meta["overlay"] else None, timings)
-        slot.busy = False
-        return result
-
-    def run(self, frames: Iterable[np.ndarray]) -> Iterator[GpuFrameResult]:
-        """Results in frame order; frame k+1 is enqueued before frame k is waited for."""
-        pending: deque[_FlightSlot] = deque()
-        for frame in frames:
-            if len(pending) == len(self.slots):
-                yield self.collect(pending.popleft())
-            pending.append(self.submit(frame))
-        while pending:
-            yield self.collect(pending.popleft())
-
-    def close(self) -> None:
-        with self.gpu.active():
-            for s in self.slots:
-                s.free()
-        self.slots = []
-        self.post_k.close()
+                for alloc in self._tables.values():
+                    alloc.free()
+            self._tables = {}
 
 
 __all__ = [
-    "GpuPipeline", "GpuPreprocessor", "GpuPostprocessor", "GpuFrameResult", "HostKernels", "host_library",
-    "PreArgs", "classify_reference", "overlay_reference", "logit_threshold", "load_module", "kernel_source",
+    "GpuPreprocessor", "GpuPostprocessor", "PostTables", "HostKernels", "host_library", "PreArgs", "ClassifyArgs",
+    "frame_hw", "overlay_reference", "logit_threshold", "load_function", "kernel_source", "KERNELS",
 ]
