@@ -327,3 +327,28 @@ def test_cluster_without_ray_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ClusterError, match=r"pip install 'edgeseg\[cluster\]'"):
         import_ray()
+
+
+def test_instance_results_give_areas_counts_and_object_rles():
+    from pycocotools import mask as coco_mask
+
+    from edgeseg.cluster.outputs import FrameRecorder
+    from edgeseg.cluster.plan import OutputSpec
+    from runtime.instances import InstanceResult
+
+    crop = np.ones((4, 5), bool)
+    r = InstanceResult(xyxy=[[2, 1, 7, 5], [10, 8, 15, 12], [0, 0, 5, 4]], confidence=[0.9, 0.8, 0.7], class_id=[1, 1, 0],
+                       mask_rects=[[2, 1, 7, 5], [10, 8, 15, 12], [0, 0, 5, 4]], mask_crops=[crop, crop, crop],
+                       frame_size=(16, 20), labels=["person", "car"], frame_index=7, timestamp=0.25)
+    rec = FrameRecorder(["person", "car"], OutputSpec(table="csv", masks="rle"))
+    rec.add(r)
+    part = rec.part()
+    # objects 0 (car) and 2 (person) overlap on 3x3 pixels: the more confident car keeps them
+    assert part["areas"].tolist() == [[20 - 9, 40]] and part["counts"].tolist() == [[1, 2]]
+    assert part["frame"].tolist() == [7] and part["size"].tolist() == [[16, 20]]
+    entries = part["masks"][0]
+    assert [(e["category_id"], e["area"], e["score"]) for e in entries] == [(1, 20, pytest.approx(0.9)), (1, 20, pytest.approx(0.8)),
+                                                                            (0, 20, pytest.approx(0.7))]
+    assert entries[1]["bbox"] == [10.0, 8.0, 5.0, 4.0]
+    m = coco_mask.decode({"size": entries[1]["segmentation"]["size"], "counts": entries[1]["segmentation"]["counts"].encode()})
+    assert np.array_equal(m.astype(bool), r.mask(1))

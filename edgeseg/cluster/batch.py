@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from edgeseg import progress
 from edgeseg.bundle import Bundle, sha256_file
 from edgeseg.cluster.outputs import ResultStore
 from edgeseg.cluster.plan import BatchError, OutputSpec, Source, Task, find_sources, plan_tasks
@@ -219,7 +219,8 @@ class BatchSegmenter:
             del todo[key]
         pending = [t for ts in todo.values() for t in ts]
         summary.tasks = len(pending)
-        say({"event": "planned", "sources": len(found), "skipped": summary.skipped, "tasks": len(pending)})
+        say({"event": "planned", "sources": len(found), "skipped": summary.skipped, "tasks": len(pending),
+             "frames": _expected_frames(pending)})
         if not pending:
             self._write_summary(store, summary)
             return summary
@@ -294,6 +295,17 @@ class BatchSegmenter:
         store.write_summary(summary.to_dict())
 
 
+def _expected_frames(tasks: list[Task]) -> int | None:
+    """Frames the tasks will read, from the containers' counts (None when a count is unknown)."""
+    total = 0
+    for t in tasks:
+        end = t.source.frames if t.stop is None else min(t.stop, t.source.frames or t.stop)
+        if end is None:
+            return None
+        total += max(0, end - t.start)
+    return total
+
+
 def _read_source(source: Source) -> bytes:
     st = os.stat(source.path)
     if st.st_size != source.size:
@@ -307,28 +319,40 @@ def _bundle_identity(bundle: Bundle) -> str:
     return sha256_file(bundle.path / "manifest.json")
 
 
-def print_progress() -> Callable[[dict], None]:
-    """A progress callback for the command line: one line per finished task on stderr."""
-    done, total = [0], [0]
+class ConsoleProgress:
+    """The command line's view of a batch run: a bar of frames (estimated from the containers)
+    on a terminal, else one line per finished task; failures are always written."""
 
-    def show(event: dict) -> None:
-        if event["event"] == "planned":
-            total[0] = event["tasks"]
-            print(f"{event['sources']} sources: {event['skipped']} already done, {event['tasks']} task(s) to run",
-                  file=sys.stderr, flush=True)
+    def __init__(self):
+        self.bar = None
+        self.done = self.total = 0
+
+    def __call__(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "planned":
+            self.total = event["tasks"]
+            progress.write(f"{event['sources']} sources: {event['skipped']} already done, {event['tasks']} task(s) to run")
+            if self.total:
+                self.bar = progress.bar("batch", total=event.get("frames") or None, unit="frames", rate_label="FPS")
             return
-        if event["event"] == "skipped":
+        if kind == "skipped":
             return
-        done[0] += 1
-        total_tasks = total[0]
-        if event["event"] == "done":
-            extra = " (retried)" if event.get("retried") else ""
-            print(f"[{done[0]}/{total_tasks}] {event['task']}: {event['frames']} frames on worker {event['worker']}{extra}",
-                  file=sys.stderr, flush=True)
+        self.done += 1
+        where = f"[{self.done}/{self.total}] {event['task']}"
+        if kind == "failed":
+            progress.write(f"{where}: FAILED: {event['error']}")
+        elif progress.enabled():
+            self.bar.update(event["frames"])
+            self.bar.note(f"task {self.done}/{self.total}")
         else:
-            print(f"[{done[0]}/{total_tasks}] {event['task']}: FAILED: {event['error']}", file=sys.stderr, flush=True)
+            progress.write(f"{where}: {event['frames']} frames on worker {event['worker']}"
+                           + (" (retried)" if event.get("retried") else ""))
+        if self.done == self.total and self.bar is not None:
+            self.bar.close()
 
-    return show
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
-__all__ = ["BatchSegmenter", "BatchSummary", "WorkerStats", "print_progress"]
+__all__ = ["BatchSegmenter", "BatchSummary", "WorkerStats", "ConsoleProgress"]

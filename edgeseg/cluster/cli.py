@@ -69,7 +69,7 @@ def default_table() -> str:
 
 def run_batch(args, labels) -> int:
     """`edgeseg run` over many videos (see the module docstring)."""
-    from edgeseg.cluster.batch import BatchSegmenter, print_progress
+    from edgeseg.cluster.batch import BatchSegmenter, ConsoleProgress
 
     for flag, value in (("--show", args.show), ("--serve", args.serve), ("--loop", args.loop), ("--stats-json", args.stats_json)):
         if value:
@@ -80,9 +80,13 @@ def run_batch(args, labels) -> int:
                         ship_sources=args.ship_sources, threads=args.threads, backend=args.backend, precision=args.precision,
                         smoothing=args.smoothing or None, keep=labels(args.keep), ignore=labels(args.ignore),
                         threshold=args.threshold, stage_nice=args.stage_nice) as batch:
-        summary = batch.run(args.source, args.out, table=args.table or default_table(), masks=args.save_masks,
-                            overlay=args.overlay, chunk_frames=args.chunk_frames, max_frames=args.frames, alpha=args.alpha,
-                            mode=args.mode, progress=print_progress())
+        show = ConsoleProgress()
+        try:
+            summary = batch.run(args.source, args.out, table=args.table or default_table(), masks=args.save_masks,
+                                overlay=args.overlay, chunk_frames=args.chunk_frames, max_frames=args.frames, alpha=args.alpha,
+                                mode=args.mode, progress=show)
+        finally:
+            show.close()
     print(summary.format())
     return 0 if summary.ok else 1
 

@@ -8,9 +8,12 @@ atomically under `.parts/`, and once every part of a source is there merges them
 source's final files and writes `done.json` last:
 
     results/<key>/areas.parquet | areas.csv   frame, time_s, height, width, area:<label> ... (pixels)
-                                              [, count:<label> ... instances, for instance bundles]
+                                              [, count:<label> ... objects, for instance bundles]
     results/<key>/masks/000000.png ...        --save-masks png: the class map, one 8-bit PNG per frame
-    results/<key>/masks.json                  --save-masks rle: COCO results (image_id = frame, RLE)
+                                              (instance bundles: 0 background, class c at c + 1)
+    results/<key>/masks.json                  --save-masks rle: COCO results (image_id = frame), one
+                                              entry per class present (instance bundles: per object,
+                                              with its box and score)
     results/<key>/overlay.mp4                 --overlay
     results/<key>/done.json                   the source's signature, the options, frames, timings
 
@@ -51,22 +54,26 @@ class FrameRecorder:
         self.masks: list = []
 
     def add(self, result) -> None:
-        cm = result.class_map() if callable(result.class_map) else result.class_map
+        """One frame's SegmentationResult, or InstanceResult (whose class map has background 0 and
+        class c at c + 1: its areas are counted per class, and its objects per class too)."""
         C = len(self.labels)
+        instances = callable(result.class_map)
+        cm = result.class_map() if instances else result.class_map
         self.frames.append(int(result.frame_index))
         self.times.append(float(result.timestamp) if result.timestamp is not None else float("nan"))
         self.sizes.append((int(cm.shape[0]), int(cm.shape[1])))
-        self.areas.append(np.bincount(cm.ravel(), minlength=C)[:C].astype(np.int64))
-        class_ids = getattr(result, "class_id", None)
-        if class_ids is not None:  # instance results: objects per class
-            self.counts.append(np.bincount(np.asarray(class_ids, np.int64), minlength=C)[:C].astype(np.int64))
+        first = 1 if instances else 0  # the class map's index of class 0
+        pixels = np.bincount(cm.ravel(), minlength=C + first)
+        self.areas.append(pixels[first:C + first].astype(np.int64))
+        if instances:
+            self.counts.append(np.bincount(result.class_id, minlength=C)[:C].astype(np.int64))
         if self.spec.masks == "png":
             ok, data = cv2.imencode(".png", np.ascontiguousarray(cm, np.uint8))
             if not ok:
                 raise RuntimeError("OpenCV could not encode a PNG mask")
             self.masks.append(data.tobytes())
         elif self.spec.masks == "rle":
-            self.masks.append(rle_encode(cm, int(result.frame_index), C))
+            self.masks.append(rle_objects(result) if instances else rle_encode(cm, int(result.frame_index), C))
 
     def part(self) -> dict:
         C = len(self.labels)
@@ -80,18 +87,39 @@ class FrameRecorder:
         }
 
 
-def rle_encode(class_map: np.ndarray, frame: int, num_classes: int) -> list[dict]:
-    """COCO results entries (uncompressed-count RLE via pycocotools) for each class present."""
+def _coco_mask():
     try:
         from pycocotools import mask as coco_mask
     except ImportError:
         raise BatchError("RLE masks need pycocotools: pip install pycocotools, or save PNG masks (--save-masks png)") from None
+    return coco_mask
+
+
+def _rle(mask: np.ndarray, coco_mask) -> dict:
+    rle = coco_mask.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def rle_encode(class_map: np.ndarray, frame: int, num_classes: int) -> list[dict]:
+    """COCO results entries (compressed RLE, pycocotools) for each class present in a class map."""
+    coco_mask = _coco_mask()
     out = []
     counts = np.bincount(class_map.ravel(), minlength=num_classes)
     for c in np.nonzero(counts[:num_classes])[0]:
-        rle = coco_mask.encode(np.asfortranarray(class_map == c, dtype=np.uint8))
         out.append({"image_id": int(frame), "category_id": int(c), "area": int(counts[c]),
-                    "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}})
+                    "segmentation": _rle(class_map == c, coco_mask)})
+    return out
+
+
+def rle_objects(result) -> list[dict]:
+    """COCO results entries for each object of an InstanceResult: its mask, box (x, y, w, h), score."""
+    coco_mask = _coco_mask()
+    out = []
+    for i in range(len(result)):
+        x0, y0, x1, y1 = (float(v) for v in result.xyxy[i])
+        out.append({"image_id": int(result.frame_index), "category_id": int(result.class_id[i]),
+                    "score": float(result.confidence[i]), "bbox": [x0, y0, x1 - x0, y1 - y0],
+                    "area": int(np.count_nonzero(result.mask_crops[i])), "segmentation": _rle(result.mask(i), coco_mask)})
     return out
 
 
@@ -277,4 +305,4 @@ def read_table(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {h: np.array([float(r[i]) if h == "time_s" else int(r[i]) for r in body]) for i, h in enumerate(head)}
 
 
-__all__ = ["FrameRecorder", "ResultStore", "rle_encode", "write_table", "read_table", "table_columns", "DONE"]
+__all__ = ["FrameRecorder", "ResultStore", "rle_encode", "rle_objects", "write_table", "read_table", "table_columns", "DONE"]
