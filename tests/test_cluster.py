@@ -286,7 +286,22 @@ def test_worker_without_the_video_says_how_to_ship_it(default_bundle, tmp_path):
         out = worker.process(Task(Source(str(tmp_path / "elsewhere.mp4"), "elsewhere.mp4", 10, 0)), OutputSpec(table="csv"))
     finally:
         worker.close()
-    assert "is not on" in out["error"] and "--ship-sources" in out["error"]
+    assert "is not on" in out["error"] and "have them shipped with the tasks" in out["error"] and out["not_here"]
+
+
+def test_a_video_the_worker_cannot_see_names_the_fix(default_bundle, videos, tmp_path):
+    from edgeseg.cluster import BatchSegmenter
+
+    src = tmp_path / "gone.mp4"
+    src.write_bytes((videos / "cam1" / "e.mp4").read_bytes())
+
+    def vanish(event):  # planned here, then not there when the worker looks
+        if event["event"] == "planned":
+            src.unlink()
+
+    with BatchSegmenter(default_bundle.path) as batch:
+        s = batch.run(src, tmp_path / "r", progress=vanish)
+    assert len(s.failed) == 1 and "is not on" in s.failed[0]["error"] and s.failed[0]["error"].endswith("(ship_sources=)")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -25,6 +25,7 @@ from edgeseg.bundle import Bundle, sha256_file
 from edgeseg.cluster.outputs import ResultStore
 from edgeseg.cluster.plan import BatchError, OutputSpec, Source, Task, find_sources, plan_tasks
 from edgeseg.cluster.worker import SegmenterWorker, pack_bundle
+from edgeseg.errors import option
 
 log = logging.getLogger("edgeseg.cluster")
 
@@ -123,9 +124,9 @@ class BatchSegmenter:
 
             check_address(cluster)
         if workers is not None and (isinstance(workers, bool) or int(workers) < 1):
-            raise BatchError(f"--workers must be 1 or more, got {workers!r}")
+            raise BatchError(f"{option('workers')} must be 1 or more, got {workers!r}")
         if isinstance(worker_cpus, bool) or not isinstance(worker_cpus, int) or worker_cpus < 1:
-            raise BatchError(f"--worker-cpus must be a whole number of CPUs, 1 or more, got {worker_cpus!r}")
+            raise BatchError(f"{option('worker_cpus')} must be a whole number of CPUs, 1 or more, got {worker_cpus!r}")
         self.workers, self.worker_cpus, self.max_retries = workers, worker_cpus, max_retries
         self.ship_sources = bool(ship_sources)
         self.options = {k: v for k, v in segmenter_options.items() if v is not None}
@@ -181,20 +182,22 @@ class BatchSegmenter:
 
     # -- a run -----------------------------------------------------------------------------
     def spec(self, table: str = "parquet", masks: str | None = None, overlay: bool = False, max_frames: int | None = None,
-             alpha: float = 0.5, mode: str = "blend") -> OutputSpec:
+             alpha: float = 0.5, mode: str = "blend", legend: bool = False) -> OutputSpec:
         return OutputSpec(table=table, masks=masks, overlay=bool(overlay), max_frames=max_frames, alpha=float(alpha), mode=mode,
-                          segmenter=dict(sorted(self.options.items())), bundle_sha256=self._bundle_sha)
+                          legend=bool(legend), segmenter=dict(sorted(self.options.items())), bundle_sha256=self._bundle_sha)
 
     def run(self, sources, out, *, table: str = "parquet", masks: str | None = None, overlay: bool = False,
             chunk_frames: int | None = None, max_frames: int | None = None, alpha: float = 0.5, mode: str = "blend",
-            progress: Callable[[dict], None] | None = None) -> BatchSummary:
+            legend: bool = False, progress: Callable[[dict], None] | None = None) -> BatchSummary:
         """Segment every video `sources` names (a glob, folder, file or a list of them) into `out`.
         chunk_frames: split longer videos into ranges of that many frames (needs smoothing off and
-        no overlay, which carry over between frames). progress(event) gets a dict per event:
+        no overlay, which carry over between frames). alpha, mode, legend: the overlay's look (as for
+        Segmenter.stream). progress(event) gets a dict per event:
         {"event": "done" | "failed" | "skipped", "source", "task", "frames", "worker", "pid", ...}."""
-        spec = self.spec(table, masks, overlay, max_frames, alpha, mode)
+        spec = self.spec(table, masks, overlay, max_frames, alpha, mode, legend)
         if chunk_frames and (overlay or self.options.get("smoothing")):
-            raise BatchError("--chunk-frames cannot be used with --overlay or --smoothing: both carry over from frame to frame, "
+            raise BatchError(f"{option('chunk_frames')} cannot be used with {option('overlay')} or {option('smoothing')}: "
+                             "both carry over from frame to frame, "
                              "so a video must stay in one task")
         found = find_sources(sources)
         store = ResultStore(out, spec, self.labels)
@@ -251,6 +254,8 @@ class BatchSegmenter:
                     summary.done += 1
             else:
                 error = outcome["error"] if isinstance(outcome, dict) else outcome.error
+                if isinstance(outcome, dict) and outcome.get("not_here"):
+                    error += f" ({option('ship_sources')})"
                 failed_sources[key].append(str(task))
                 rng = "" if len(tasks_of[key]) == 1 else f"[{task.start}:{'' if task.stop is None else task.stop}]"
                 summary.failed.append({"source": key, "path": task.source.path, "range": rng, "error": error})

@@ -73,7 +73,7 @@ def run_batch(args, labels) -> int:
 
     for flag, value in (("--show", args.show), ("--serve", args.serve), ("--loop", args.loop), ("--stats-json", args.stats_json)):
         if value:
-            raise BatchError(f"{flag} is for one stream; a batch run writes per-source results into --out (drop {flag})")
+            raise BatchError(f"{flag} is for one stream; a batch run writes each source's results under --out (drop {flag})")
     if not args.out:
         raise BatchError("a batch run writes its results into a folder: add --out results/")
     with BatchSegmenter(args.bundle, args.cluster, workers=args.workers, worker_cpus=args.worker_cpus, max_retries=args.max_retries,
@@ -84,7 +84,7 @@ def run_batch(args, labels) -> int:
         try:
             summary = batch.run(args.source, args.out, table=args.table or default_table(), masks=args.save_masks,
                                 overlay=args.overlay, chunk_frames=args.chunk_frames, max_frames=args.frames, alpha=args.alpha,
-                                mode=args.mode, progress=show)
+                                mode=args.mode, legend=args.legend, progress=show)
         finally:
             show.close()
     print(summary.format())

@@ -34,6 +34,7 @@ import numpy as np
 
 from edgeseg.bundle import atomic_path, write_text_atomic
 from edgeseg.cluster.plan import BatchError, OutputSpec, Source, Task
+from edgeseg.errors import option
 
 DONE = "done.json"
 PARTS = ".parts"
@@ -91,7 +92,7 @@ def _coco_mask():
     try:
         from pycocotools import mask as coco_mask
     except ImportError:
-        raise BatchError("RLE masks need pycocotools: pip install pycocotools, or save PNG masks (--save-masks png)") from None
+        raise BatchError(f"RLE masks need pycocotools: pip install pycocotools, or save PNG masks ({option('masks', '--save-masks')} png)") from None
     return coco_mask
 
 
@@ -130,7 +131,7 @@ class ResultStore:
     def __init__(self, root: str | os.PathLike, spec: OutputSpec, labels: list[str]):
         self.root, self.spec, self.labels = Path(root), spec, list(labels)
         if self.root.exists() and not self.root.is_dir():
-            raise BatchError(f"--out {self.root} is a file; batch results go into a folder (e.g. --out results/)")
+            raise BatchError(f"{option('out')} {self.root} is a file; batch results go into a folder such as results/")
         self.root.mkdir(parents=True, exist_ok=True)
         self.key = spec.key()
 

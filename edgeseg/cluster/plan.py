@@ -18,7 +18,7 @@ from pathlib import Path
 
 import cv2
 
-from edgeseg.errors import EdgesegError
+from edgeseg.errors import EdgesegError, option
 from runtime.sources import VIDEO_EXTENSIONS
 
 TABLE_FORMATS = ("parquet", "csv")
@@ -76,21 +76,22 @@ class OutputSpec:
     max_frames: int | None = None  # per source
     alpha: float = 0.5
     mode: str = "blend"
+    legend: bool = False
     segmenter: dict = field(default_factory=dict)  # backend, precision, smoothing, keep, ignore, threshold
     bundle_sha256: str = ""
 
     def __post_init__(self):
         if self.table not in TABLE_FORMATS:
-            raise BatchError(f"table format must be one of {TABLE_FORMATS}, got {self.table!r}")
+            raise BatchError(f"{option('table')} takes {' or '.join(TABLE_FORMATS)}, got {self.table!r}")
         if self.masks is not None and self.masks not in MASK_FORMATS:
-            raise BatchError(f"--save-masks takes {' or '.join(MASK_FORMATS)}, got {self.masks!r}")
+            raise BatchError(f"{option('masks', '--save-masks')} takes {' or '.join(MASK_FORMATS)}, got {self.masks!r}")
         if self.max_frames is not None and (isinstance(self.max_frames, bool) or int(self.max_frames) <= 0):
-            raise BatchError(f"frames per source must be a positive number, got {self.max_frames!r}")
+            raise BatchError(f"{option('max_frames', '--frames')} (frames per source) must be a positive number, got {self.max_frames!r}")
         if self.table == "parquet":
             try:
                 import pyarrow  # noqa: F401
             except ImportError:
-                raise BatchError("Parquet tables need pyarrow: pip install 'edgeseg[cluster]', or write CSV (--table csv)") from None
+                raise BatchError(f"Parquet tables need pyarrow: pip install 'edgeseg[cluster]', or write CSV ({option('table')} csv)") from None
 
     def key(self) -> str:
         """A short hash of the options that change results or their files."""
@@ -127,9 +128,10 @@ def find_sources(pattern: str | os.PathLike | list) -> list[Source]:
         return sorted(found.values(), key=lambda s: s.key)
     text = os.path.expanduser(os.fspath(pattern)).strip()
     if not text:
-        raise BatchError("--source is empty; name a video, a folder of videos or a pattern such as 'archive/**/*.mp4'")
+        raise BatchError(f"{option('sources', '--source')} is empty; name a video, a folder of videos or a pattern such as 'archive/**/*.mp4'")
     if "://" in text and not text.startswith("file://"):
-        raise BatchError(f"batch runs take video files, not streams ({text}); run a stream with `edgeseg run` without --out folder")
+        raise BatchError(f"batch runs take video files, not streams ({text}); a stream is one source: run it with "
+                         "`edgeseg run BUNDLE --source URL`")
     text = text[len("file://"):] if text.startswith("file://") else text
     if any(ch in text for ch in "*?[") and not os.path.exists(text):
         base = _fixed_part(text)
@@ -177,7 +179,7 @@ def plan_tasks(sources: list[Source], chunk_frames: int | None = None, max_frame
     that many frames (the last one reads to the end, so an inexact container count loses
     nothing). `max_frames` caps each source."""
     if chunk_frames is not None and (isinstance(chunk_frames, bool) or int(chunk_frames) <= 0):
-        raise BatchError(f"--chunk-frames must be a positive number of frames, got {chunk_frames!r}")
+        raise BatchError(f"{option('chunk_frames')} must be a positive number of frames, got {chunk_frames!r}")
     tasks = []
     for s in sources:
         n = s.frames if max_frames is None else min(s.frames or max_frames, max_frames)

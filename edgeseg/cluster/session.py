@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-from edgeseg.errors import EdgesegError
+from edgeseg.errors import EdgesegError, option
 
 log = logging.getLogger("edgeseg.cluster")
 
@@ -38,7 +38,7 @@ def import_ray():
     try:
         import ray
     except ImportError:
-        raise ClusterError("--cluster needs Ray: pip install 'edgeseg[cluster]' (on this machine and every worker)") from None
+        raise ClusterError(f"{option('cluster')} needs Ray: pip install 'edgeseg[cluster]' (on this machine and every worker)") from None
     return ray
 
 
@@ -47,7 +47,7 @@ def check_address(spec: str) -> str:
     s = str(spec).strip()
     if s in ("local", "auto") or re.fullmatch(r"ray://[^\s/:]+:\d{1,5}", s) or re.fullmatch(r"[^\s/:]+:\d{1,5}", s):
         return s
-    raise ClusterError(f"--cluster takes local (start Ray here), auto (the cluster this machine belongs to), "
+    raise ClusterError(f"{option('cluster')} takes local (start Ray here), auto (the cluster this machine belongs to), "
                        f"ray://HOST:PORT (Ray Client) or HOST:PORT (a head node's address); got {spec!r}")
 
 
@@ -85,7 +85,7 @@ class RayCluster:
             ray.init(**options)
         except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            how = ("start one with `ray start --head` (then --cluster auto), or use --cluster local" if spec != "local"
+            how = ("start one with `ray start --head` (then connect with auto), or start one here with local" if spec != "local"
                    else "check free memory and space in /tmp (Ray's session folder)")
             raise ClusterError(f"cannot {'start a local Ray instance' if spec == 'local' else f'reach the Ray cluster at {spec}'}: "
                                f"{first}; {how}") from None
@@ -155,11 +155,11 @@ class WorkerPool:
         if workers < 1:
             raise ClusterError(f"need at least one worker, got {workers}")
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise ClusterError(f"--max-retries must be 0 or more, got {max_retries!r}")
+            raise ClusterError(f"{option('max_retries')} must be 0 or more, got {max_retries!r}")
         self.max_retries = max_retries
         have = cluster.cpus()
         if cpus > have:
-            raise ClusterError(f"a worker asks for {cpus} CPUs but the cluster has {have}; lower --worker-cpus")
+            raise ClusterError(f"a worker asks for {cpus} CPUs but the cluster has {have}; lower {option('worker_cpus')}")
         self.setup = args  # holds the Shared references (pinned) for as long as the pool lives
         remote = ray.remote(_Host).options(num_cpus=cpus, max_restarts=max_retries, max_task_retries=max_retries)
         t0 = time.perf_counter()

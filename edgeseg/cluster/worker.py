@@ -115,7 +115,7 @@ class SegmenterWorker:
                 Path(path).write_bytes(video)
             elif not os.path.isfile(path):
                 return {"error": f"{path} is not on {self.host}: mount the videos at the same path on every machine, "
-                                 "or ship them with the tasks (--ship-sources)"}
+                                 "or have them shipped with the tasks", "not_here": True}
             try:
                 src = VideoRange(path, task.start, task.stop, uri=task.source.path)
             except SourceError as e:
@@ -124,7 +124,7 @@ class SegmenterWorker:
             overlay = workdir / "overlay.mp4" if spec.overlay else None
             setup = time.perf_counter() - t0
             try:
-                with self.segmenter.stream(src, save=overlay, alpha=spec.alpha, mode=spec.mode, **self.stream_options) as stream:
+                with self.segmenter.stream(src, save=overlay, alpha=spec.alpha, mode=spec.mode, legend=spec.legend, **self.stream_options) as stream:
                     for result in stream:
                         recorder.add(result)
             except EdgesegError as e:
