@@ -45,6 +45,14 @@ class WorkerStats:
     def fps(self) -> float | None:
         return self.frames / self.busy_s if self.busy_s > 0 else None
 
+    def add(self, info: dict) -> None:
+        """One task's figures (a worker's `info`)."""
+        if info.get("pid") not in self.pids:
+            self.pids.append(info.get("pid"))
+        self.tasks += 1
+        self.frames += info["frames"]
+        self.busy_s += info["seconds"]
+
 
 @dataclass
 class BatchSummary:
@@ -203,69 +211,61 @@ class BatchSegmenter:
         store = ResultStore(out, spec, self.labels)
         summary = BatchSummary(sources=len(found), cluster=self.cluster_spec, out=str(store.root))
         say = progress or (lambda event: None)
+        tasks_of, todo = self._plan(found, store, chunk_frames, max_frames, summary, say)
+        pending = [t for ts in todo.values() for t in ts]
+        summary.tasks = len(pending)
+        say({"event": "planned", "sources": len(found), "skipped": summary.skipped, "tasks": len(pending),
+             "frames": _expected_frames(pending)})
+        if pending:
+            self._start()
+            summary.startup_s, summary.bundle_bytes = self._startup_s, self._bundle_bytes
+            restarts = self._pool.restarts if self._pool is not None else 0
+            t0 = time.perf_counter()
+            stats: dict[int, WorkerStats] = {}
+            for task, outcome, worker, retried in self._execute(pending, spec, summary):
+                key = task.source.key
+                if isinstance(outcome, dict) and "part" in outcome:
+                    info = outcome["info"]
+                    store.write_part(task, outcome["part"], outcome.get("overlay"), info)
+                    stats.setdefault(worker, WorkerStats(str(worker), info.get("host", ""))).add(info)
+                    summary.frames += info["frames"]
+                    todo[key].remove(task)
+                    say({"event": "done", "source": key, "task": str(task), "frames": info["frames"], "worker": worker,
+                         "pid": info.get("pid"), "retried": retried, "seconds": info["seconds"]})
+                    if not todo[key] and not any(f["source"] == key for f in summary.failed):
+                        store.finish(task.source, tasks_of[key])
+                        summary.done += 1
+                else:
+                    error = outcome["error"] if isinstance(outcome, dict) else outcome.error
+                    if isinstance(outcome, dict) and outcome.get("not_here"):
+                        error += f" ({option('ship_sources')})"
+                    rng = "" if len(tasks_of[key]) == 1 else f"[{task.start}:{'' if task.stop is None else task.stop}]"
+                    summary.failed.append({"source": key, "path": task.source.path, "range": rng, "error": error})
+                    say({"event": "failed", "source": key, "task": str(task), "error": error, "worker": worker})
+            summary.processing_s = time.perf_counter() - t0
+            summary.workers = [stats[k] for k in sorted(stats)]
+            if self._pool is not None:
+                summary.restarts = self._pool.restarts - restarts
+        store.write_summary(summary.to_dict())
+        return summary
 
-        todo: dict[str, list[Task]] = {}  # source key -> tasks still to run
+    def _plan(self, found: list[Source], store: ResultStore, chunk_frames, max_frames, summary: BatchSummary, say):
+        """Each source's tasks, and those still to run: sources done by an earlier run are skipped,
+        parts already written are not run again, and a source with every part written is merged."""
         tasks_of: dict[str, list[Task]] = {}
-        by_key = {s.key: s for s in found}
+        todo: dict[str, list[Task]] = {}
         for s in found:
             if store.done(s) is not None:
                 summary.skipped += 1
                 say({"event": "skipped", "source": s.key})
                 continue
-            tasks = plan_tasks([s], chunk_frames, max_frames)
-            tasks_of[s.key] = tasks
-            todo[s.key] = [t for t in tasks if not store.part_done(t)]
-        finished_frames = defaultdict(int)
-        for key in [k for k, t in todo.items() if not t]:  # every part already written: merge only
-            store.finish(by_key[key], tasks_of[key])
-            summary.done += 1
-            del todo[key]
-        pending = [t for ts in todo.values() for t in ts]
-        summary.tasks = len(pending)
-        say({"event": "planned", "sources": len(found), "skipped": summary.skipped, "tasks": len(pending),
-             "frames": _expected_frames(pending)})
-        if not pending:
-            self._write_summary(store, summary)
-            return summary
-
-        self._start()
-        summary.startup_s, summary.bundle_bytes = self._startup_s, self._bundle_bytes
-        stats: dict[str, WorkerStats] = {}
-        failed_sources: dict[str, list[str]] = defaultdict(list)
-        t0 = time.perf_counter()
-        for task, outcome, worker, retried in self._execute(pending, spec, summary):
-            key = task.source.key
-            if isinstance(outcome, dict) and "part" in outcome:
-                info = outcome["info"]
-                store.write_part(task, outcome["part"], outcome.get("overlay"), info)
-                ws = stats.setdefault(str(worker), WorkerStats(str(worker), info.get("host", "")))
-                if info.get("pid") not in ws.pids:
-                    ws.pids.append(info.get("pid"))
-                ws.tasks += 1
-                ws.frames += info["frames"]
-                ws.busy_s += info["seconds"]
-                summary.frames += info["frames"]
-                finished_frames[key] += info["frames"]
-                todo[key].remove(task)
-                say({"event": "done", "source": key, "task": str(task), "frames": info["frames"], "worker": worker,
-                     "pid": info.get("pid"), "retried": retried, "seconds": info["seconds"]})
-                if not todo[key] and key not in failed_sources:
-                    store.finish(by_key[key], tasks_of[key])
-                    summary.done += 1
-            else:
-                error = outcome["error"] if isinstance(outcome, dict) else outcome.error
-                if isinstance(outcome, dict) and outcome.get("not_here"):
-                    error += f" ({option('ship_sources')})"
-                failed_sources[key].append(str(task))
-                rng = "" if len(tasks_of[key]) == 1 else f"[{task.start}:{'' if task.stop is None else task.stop}]"
-                summary.failed.append({"source": key, "path": task.source.path, "range": rng, "error": error})
-                say({"event": "failed", "source": key, "task": str(task), "error": error, "worker": worker})
-        summary.processing_s = time.perf_counter() - t0
-        summary.workers = [stats[k] for k in sorted(stats, key=lambda k: int(k) if k.lstrip("-").isdigit() else 0)]
-        if self._pool is not None:
-            summary.restarts = self._pool.restarts
-        self._write_summary(store, summary)
-        return summary
+            tasks_of[s.key] = plan_tasks([s], chunk_frames, max_frames)
+            todo[s.key] = [t for t in tasks_of[s.key] if not store.part_done(t)]
+            if not todo[s.key]:  # interrupted after its last part: merge only
+                store.finish(s, tasks_of[s.key])
+                summary.done += 1
+                del todo[s.key]
+        return tasks_of, todo
 
     def _execute(self, tasks: list[Task], spec: OutputSpec, summary: BatchSummary):
         """(task, outcome, worker, retried) for every task, in this process or on the pool."""
@@ -273,7 +273,7 @@ class BatchSegmenter:
             for task in tasks:
                 yield task, self._local.process(task, spec), 0, False
             return
-        shipped: dict[str, tuple] = {}  # source path -> (object ref, tasks left)
+        shipped: dict = {}  # source path -> its object ref while tasks of it are out
         left = defaultdict(int)
         for t in tasks:
             left[t.source.path] += 1
@@ -295,10 +295,6 @@ class BatchSegmenter:
             if left[task.source.path] == 0:
                 shipped.pop(task.source.path, None)  # its last task is back: the object can go
             yield task, outcome, worker, retried
-
-    def _write_summary(self, store: ResultStore, summary: BatchSummary) -> None:
-        store.write_summary(summary.to_dict())
-
 
 def _expected_frames(tasks: list[Task]) -> int | None:
     """Frames the tasks will read, from the containers' counts (None when a count is unknown)."""
