@@ -24,6 +24,7 @@ from urllib.parse import parse_qsl
 
 from calibration.data import CalibrationError, CalibrationSet, CalibrationWarning, open_source
 from calibration.quantize import METHODS, PRESETS, TARGETS, Violation, validate_tensorrt_qdq
+from edgeseg.errors import option
 
 log = logging.getLogger("edgeseg.calibration")
 
@@ -60,9 +61,9 @@ def calibrate_bundle(bundle_path: str | os.PathLike, data: Any, *, method: str =
     try:
         budget = float(max_miou_drop)
     except (TypeError, ValueError):
-        raise CalibrationError(f"max_miou_drop must be a number of mIoU points, got {max_miou_drop!r}") from None
+        raise CalibrationError(f"{option('max_miou_drop')} must be a number of mIoU points, got {max_miou_drop!r}") from None
     if not budget >= 0:
-        raise CalibrationError(f"max_miou_drop must be >= 0 mIoU points, got {max_miou_drop}")
+        raise CalibrationError(f"{option('max_miou_drop')} must be >= 0 mIoU points, got {max_miou_drop}")
     if trt_version is not None and "tensorrt" in targets:
         from calibration.cache import trt_version_code
 
@@ -90,7 +91,7 @@ def calibrate_bundle(bundle_path: str | os.PathLike, data: Any, *, method: str =
     evalset = _eval_set(calib, data, eval_data, man.preprocess, eval_max_images)
     if evalset is None:
         warnings.warn("no held-out evaluation frames: INT8 accuracy is not measured and no layer is kept in float; "
-                      "pass eval_data (--eval-data) with labelled held-out data", CalibrationWarning, stacklevel=2)
+                      f"pass {option('eval_data')} with labelled held-out data", CalibrationWarning, stacklevel=2)
 
     staging = Path(tempfile.mkdtemp(prefix=".calibrate-", dir=bundle.path))
     try:

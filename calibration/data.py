@@ -27,7 +27,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from edgeseg import progress
-from edgeseg.errors import EdgesegError
+from edgeseg.errors import EdgesegError, option
 from edgeseg.spec import FrameError, Preprocess, check_frame
 
 log = logging.getLogger("edgeseg.calibration")
@@ -363,7 +363,7 @@ class CalibrationSet(CalibrationDataReader):
 
     def __init__(self, data: Any, preprocess: Preprocess, *, input_name: str = "input", max_images: int = 512):
         if int(max_images) < 1:
-            raise CalibrationError(f"max_images must be at least 1, got {max_images}")
+            raise CalibrationError(f"{option('max_images')} must be at least 1, got {max_images}")
         self.preprocess, self.input_name, self.max_images = preprocess, input_name, int(max_images)
         self.source = open_source(data, split="train", preprocess=preprocess, default_n=self.max_images)
         self.indices = sample_indices(len(self.source), self.max_images)

@@ -51,9 +51,10 @@ def convert(model, out: str | os.PathLike, *, to: str = "onnx", precision: str =
     if to == "coreml":
         if precision not in COREML_PRECISIONS:
             raise ConversionError(f"precision {precision!r} is not available for CoreML; choose one of {COREML_PRECISIONS}")
-        from converters.coreml import convert_to_bundle
+        from converters.coreml import check_target, convert_to_bundle
         from converters.onnx import load_source
 
+        check_target(precision, kw.get("minimum_deployment_target") or "iOS17")  # before the model loads
         coreml_keys = {"output", "minimum_deployment_target", "input_sizes", "compute_units"}
         source_kw = {k: v for k, v in kw.items() if k in ("labels", "preprocess", "input_size", "model_args")}
         src = load_source(model, **source_kw)

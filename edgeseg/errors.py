@@ -23,7 +23,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (EdgesegError, FileNotFoundError)
 
 
 # Messages name options the way the user gave them: `--eval-data` on the command line (the CLI
-# calls `use_flags()`), `eval_data=` from Python.
+# calls `use_flags()`), `eval_data` from Python.
 _FLAGS = False
 
 
@@ -32,9 +32,11 @@ def use_flags(on: bool = True) -> None:
     _FLAGS = bool(on)
 
 
-def option(name: str, flag: str | None = None) -> str:
-    """How a message names keyword `name`: '--eval-data' on the command line, 'eval_data=' in
-    Python; `flag` where the command line spells it differently (calib_method -> '--method')."""
+def option(name: str, flag: str | None = None, value=None) -> str:
+    """How a message names keyword `name`: '--eval-data' on the command line, 'eval_data' in
+    Python; `flag` where the command line spells it differently (calib_method -> '--method');
+    with `value`: '--output mask' / "output='mask'"."""
     if _FLAGS:
-        return flag or "--" + name.replace("_", "-")
-    return f"{name}="
+        text = flag or "--" + name.replace("_", "-")
+        return text if value is None else f"{text} {value}"
+    return name if value is None else f"{name}={value!r}"

@@ -30,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from edgeseg.errors import EdgesegError
+from edgeseg.errors import EdgesegError, option
 from runtime.sources import Frame, Source
 from runtime.stats import Stats
 
@@ -47,7 +47,8 @@ class PipelineError(EdgesegError, ValueError):
 
 def check_stage_nice(value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or not 0 <= value <= 19:
-        raise PipelineError(f"stage_nice must be 0..19 (how much lower than the engine the other stages run; 0: the same), got {value!r}")
+        raise PipelineError(f"{option('stage_nice')} must be 0..19 (how much lower than the engine the other stages run; 0: the same), "
+                            f"got {value!r}")
     return int(value)
 
 

@@ -278,6 +278,7 @@ class StreamSource(_CaptureSource):
         self.reconnect_attempts, self.backoff, self.max_backoff = int(reconnect), float(backoff), float(max_backoff)
         if live is not None:
             self.live = bool(live)
+        _check_host(uri)
         if urlparse(uri).scheme.startswith("rtsp") and transport and "OPENCV_FFMPEG_CAPTURE_OPTIONS" not in os.environ:
             # RTSP over TCP survives packet loss and NAT better than the UDP default
             os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = f"rtsp_transport;{transport}"
@@ -334,6 +335,27 @@ class StreamSource(_CaptureSource):
                     "check the camera/server, or raise reconnect= (use -1 to retry forever)"
                 )
         return None
+
+
+def _check_host(uri: str) -> None:
+    """A host name that does not resolve fails here, with that reason, instead of after the
+    capture's timeout as 'no video'."""
+    import socket
+
+    try:
+        parsed = urlparse(uri)
+        host, port = parsed.hostname, parsed.port
+    except ValueError as e:  # a port that is not a number, a bad IPv6 literal
+        raise SourceError(f"cannot open stream {_redact(uri)}: {e}; write it as rtsp://host[:port]/path") from None
+    if not host:
+        raise SourceError(f"cannot open stream {_redact(uri)}: it names no host; write it as rtsp://host[:port]/path")
+    try:
+        socket.getaddrinfo(host, port or None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as e:
+        raise SourceError(f"cannot open stream {_redact(uri)}: the host {host!r} does not resolve ({e.strerror}); "
+                          "check the name, or use the camera's IP address") from None
+    except (UnicodeError, OSError) as e:
+        raise SourceError(f"cannot open stream {_redact(uri)}: bad host {host!r} ({e})") from None
 
 
 def _redact(uri: str) -> str:

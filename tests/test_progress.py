@@ -120,3 +120,31 @@ def test_pipe_closed_early_ends_quietly(tmp_path):
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_tensorrt_build_phases_become_bars():
+    """converters.tensorrt's IProgressMonitor, driven as TensorRT drives it (no TensorRT needed)."""
+    import types
+
+    from converters.tensorrt.builder import _make_progress
+
+    class IProgressMonitor:
+        def __init__(self):
+            pass
+
+    term = Terminal()
+    progress.configure(stream=term)
+    monitor = _make_progress(types.SimpleNamespace(IProgressMonitor=IProgressMonitor))
+    with progress.phase("TensorRT fp16 engine build"):
+        monitor.phase_start("Building engine", None, 3)
+        monitor.phase_start("Tactic selection", "Building engine", 2)
+        assert monitor.step_complete("Tactic selection", 0) and monitor.step_complete("Tactic selection", 1)
+        monitor.phase_finish("Tactic selection")
+        for step in range(3):
+            monitor.step_complete("Building engine", step)
+        monitor.phase_finish("Building engine")
+    out = term.getvalue()
+    assert "TensorRT: Building engine:   0%|" in out and "TensorRT: Tactic selection:   0%|" in out and "/2 steps" in out
+    assert "TensorRT fp16 engine build  done in" in out
+    assert progress._State.open_bars == 0
+    assert _make_progress(types.SimpleNamespace()) is None  # TensorRT < 10: no monitor

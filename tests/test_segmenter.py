@@ -132,7 +132,7 @@ def test_run_command_user_errors(default_bundle, capsys):
     assert main(["run", str(default_bundle.path), "--source", "synthetic://?frames=2", "--serve", "localhost:http"]) == 2
     assert "HOST:PORT" in capsys.readouterr().err
     assert main(["run", str(default_bundle.path), "--source", "synthetic://?frames=2", "--stage-nice", "25"]) == 2
-    assert "stage_nice must be 0..19" in capsys.readouterr().err
+    assert "--stage-nice must be 0..19" in capsys.readouterr().err  # the flag the user typed, not the keyword
 
 
 def test_bench_command(default_bundle, capsys):

@@ -10,7 +10,7 @@ from converters.coreml.conversion import CoreMLConverter, CoreMLResult
 from converters.coreml.errors import CoreMLConversionError
 from converters.coreml.schemes import COMPUTE_UNITS, INPUT_NAME, OUTPUTS, check_target, scheme_for
 from edgeseg.bundle import Artifact, Bundle, BundleError, Manifest, MANIFEST, atomic_path
-from edgeseg.errors import ConversionError
+from edgeseg.errors import ConversionError, option
 from edgeseg.spec import Preprocess
 
 
@@ -52,16 +52,16 @@ def convert_to_bundle(source, out: str | os.PathLike, *, precision: str = "fp16"
         bundle = Bundle.load(out)
         m = bundle.manifest
         if list(m.labels) != list(source.labels):
-            raise BundleError(f"bundle {out} has labels {m.labels}, the model has {list(source.labels)}; use a new --out folder")
+            raise BundleError(f"bundle {out} has labels {m.labels}, the model has {list(source.labels)}; use a new output folder")
         if m.output_kind != output:
             raise BundleError(
                 f"bundle {out} gives '{m.output_kind}' outputs and the runtime reads every artifact that way; "
-                f"convert with output='{m.output_kind}' (--output {m.output_kind}) or into a new --out folder"
+                f"convert with {option('output', value=m.output_kind)} or into a new output folder"
             )
         if not _same_preprocess(m.preprocess, pre):
             raise BundleError(
                 f"bundle {out} was made for other preprocessing ({m.preprocess.to_dict()}) than this model's "
-                f"({pre.to_dict()}); use a new --out folder"
+                f"({pre.to_dict()}); use a new output folder"
             )
     elif out.exists() and out.is_dir() and any(out.iterdir()):
         raise ConversionError(f"{out} exists and is not a bundle; choose an empty or new folder for --out")

@@ -26,6 +26,7 @@ import numpy as np
 
 from converters.coreml.errors import CoreMLConversionError, DeploymentTargetError, first_line
 from converters.coreml.schemes import WEIGHT_THRESHOLD, import_ct, quiet_logger, scheme_for
+from edgeseg.errors import option
 from edgeseg.spec import Preprocess
 
 log = logging.getLogger("edgeseg.coreml")
@@ -153,8 +154,8 @@ def _calibration_inputs(calibration, preprocess: Preprocess, limit: int) -> list
     frames: Iterable
     if calibration is None:
         raise CoreMLConversionError(
-            "w8a8 needs calibration frames to measure activation ranges: pass calibration= a list of BGR frames, "
-            "a folder of images, or 'synthetic' (the synthetic scenes the default model was trained on)"
+            f"w8a8 needs calibration frames to measure activation ranges: pass {option('calibration', '--calib')} a folder of "
+            "images, 'synthetic' (the synthetic scenes the default model was trained on) or, from Python, a list of BGR frames"
         )
     if isinstance(calibration, str) and calibration in ("synthetic", "synthetic://"):
         from edgeseg.data.synthetic import SyntheticScenes

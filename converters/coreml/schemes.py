@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from converters.coreml.errors import CoreMLConversionError, DeploymentTargetError
+from edgeseg.errors import option
 
 INPUT_NAME = "image"
 OUTPUTS = ("logits", "probs", "mask")
@@ -117,7 +118,8 @@ def resolve_target(name: str):
     if target is None:
         known = sorted({t.name for t in ct.target})
         raise DeploymentTargetError(
-            f"unknown minimum_deployment_target {name!r}; use a name like 'iOS17' or 'macOS14' (known iOS names: {', '.join(known)})"
+            f"unknown {option('minimum_deployment_target', '--deployment-target')} {name!r}; use a name like 'iOS17' or 'macOS14' "
+            f"(known names: {', '.join(known)})"
         )
     ios = {int(getattr(ct.target, f"iOS{v}")): v for v in (13, 14, 15, 16, 17, 18) if hasattr(ct.target, f"iOS{v}")}
     if hasattr(ct.target, "iOS26"):
@@ -133,7 +135,7 @@ def check_target(precision: str, target_name: str) -> tuple[Any, int]:
         mac = {15: 12, 16: 13, 17: 14, 18: 15}.get(scheme.min_ios)
         raise DeploymentTargetError(
             f"precision {precision!r} cannot target {target_name}: {scheme.why}; "
-            f"pass minimum_deployment_target='iOS{scheme.min_ios}'" + (f" (or 'macOS{mac}')" if mac else "")
+            f"pass {option('minimum_deployment_target', '--deployment-target', f'iOS{scheme.min_ios}')}" + (f" (or macOS{mac})" if mac else "")
             + " or a newer one, or choose a precision the older target supports"
             + (" (fp16 or fp32)" if scheme.min_ios > 15 else "")
         )

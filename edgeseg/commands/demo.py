@@ -1,5 +1,6 @@
 """edgeseg demo — the whole path on the embedded default model: convert it to ONNX, stream a
-synthetic clip through the runtime, write `overlay.mp4` and `stats.json`, print the timings."""
+synthetic clip through the runtime, write `overlay.mp4` (H.264, with a legend of the classes) and
+`stats.json`, print the timings."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from edgeseg.commands.run import add_backend_argument
+from edgeseg.commands.run import add_backend_argument, consume, describe_sink
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serve", metavar="HOST:PORT", help="also serve the live view to a browser")
     add_backend_argument(p)
     p.add_argument("--smoothing", type=float, default=0.0, help="temporal smoothing strength 0..1")
+    p.add_argument("--no-legend", dest="legend", action="store_false",
+                   help="no legend of the classes present on the overlay (shown by default)")
 
 
 def run(args) -> int:
@@ -50,12 +53,13 @@ def run(args) -> int:
     seg = Segmenter(bundle, backend=args.backend, smoothing=args.smoothing)
     print(f"backend {seg.backend} ({seg.backend_reason}); streaming {source}", flush=True)
     video, stats_path = out / "overlay.mp4", out / "stats.json"
-    n = 0
-    for _ in seg.stream(source, show=args.show, save=str(video), serve=args.serve, max_frames=args.frames,
-                        stats_path=str(stats_path)):
-        n += 1
+    stream = seg.stream(source, show=args.show, save=str(video), serve=args.serve, max_frames=args.frames,
+                        stats_path=str(stats_path), legend=args.legend)
+    n, status = consume(stream, seg, args.frames)
     print(seg.stats.format())
-    print(f"{n} frames -> {video}\nstats -> {stats_path}")
+    print(f"{n} frames -> {video}{describe_sink(stream, str(video))}\nstats -> {stats_path}")
+    if status:
+        return status
     summary = json.loads(stats_path.read_text())
     if not n:
         print("no frames were processed; check --source")
