@@ -204,6 +204,13 @@ class Flaky:
         return {"key": key, "attempts": n + 1, "info": self.info()}
 
 
+def test_more_workers_than_cpus_is_refused(default_bundle, videos, ray_address, tmp_path, capsys):
+    rc = main(["run", str(default_bundle.path), "--source", pattern(videos), "--out", str(tmp_path / "r"),
+               "--cluster", ray_address, "--workers", "3"])
+    assert rc == 2
+    assert "3 worker(s) of 1 CPU(s) need 3 CPUs but the cluster has 2; use at most 2 (--workers)" in capsys.readouterr().err
+
+
 def test_exceptions_are_retried_then_reported(ray_address, tmp_path):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import the tests
     from edgeseg.cluster.session import RayCluster, TaskFailure

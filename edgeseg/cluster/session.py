@@ -158,8 +158,10 @@ class WorkerPool:
             raise ClusterError(f"{option('max_retries')} must be 0 or more, got {max_retries!r}")
         self.max_retries = max_retries
         have = cluster.cpus()
-        if cpus > have:
-            raise ClusterError(f"a worker asks for {cpus} CPUs but the cluster has {have}; lower {option('worker_cpus')}")
+        if workers * cpus > have:  # the actors that do not fit would wait for CPUs forever
+            raise ClusterError(f"{workers} worker(s) of {cpus} CPU(s) need {workers * cpus} CPUs but the cluster has {have}; "
+                               f"use at most {max(1, have // max(cpus, 1))} ({option('workers')}) or fewer CPUs each "
+                               f"({option('worker_cpus')})")
         self.setup = args  # holds the Shared references (pinned) for as long as the pool lives
         remote = ray.remote(_Host).options(num_cpus=cpus, max_restarts=max_retries, max_task_retries=max_retries)
         t0 = time.perf_counter()
