@@ -308,7 +308,7 @@ def test_a_video_the_worker_cannot_see_names_the_fix(default_bundle, videos, tmp
 
     with BatchSegmenter(default_bundle.path) as batch:
         s = batch.run(src, tmp_path / "r", progress=vanish)
-    assert len(s.failed) == 1 and "is not on" in s.failed[0]["error"] and s.failed[0]["error"].endswith("(ship_sources=)")
+    assert len(s.failed) == 1 and "is not on" in s.failed[0]["error"] and s.failed[0]["error"].endswith("(ship_sources)")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -92,7 +92,7 @@ def _coco_mask():
     try:
         from pycocotools import mask as coco_mask
     except ImportError:
-        raise BatchError(f"RLE masks need pycocotools: pip install pycocotools, or save PNG masks ({option('masks', '--save-masks')} png)") from None
+        raise BatchError(f"RLE masks need pycocotools: pip install pycocotools, or save PNG masks ({option('masks', '--save-masks', 'png')})") from None
     return coco_mask
 
 

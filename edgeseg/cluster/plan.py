@@ -91,7 +91,7 @@ class OutputSpec:
             try:
                 import pyarrow  # noqa: F401
             except ImportError:
-                raise BatchError(f"Parquet tables need pyarrow: pip install 'edgeseg[cluster]', or write CSV ({option('table')} csv)") from None
+                raise BatchError(f"Parquet tables need pyarrow: pip install 'edgeseg[cluster]', or write CSV ({option('table', value='csv')})") from None
 
     def key(self) -> str:
         """A short hash of the options that change results or their files."""
