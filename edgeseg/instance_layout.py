@@ -7,6 +7,8 @@
                 pixels, scores (1, K), classes (1, K), masks (1, K, H/s, W/s) probabilities cropped
                 to their box (plus `mask_margin` prototype pixels) at prototype resolution. Rows are
                 sorted by score; padding rows have score 0. K = max_detections, fixed.
+                With `mask_space` "box" (Mask R-CNN), masks are (1, K, M, M) probabilities over each
+                object's own box instead: resized onto the box, they give its mask.
 
 `score_threshold` / `iou_threshold` are the defaults the runtime uses (for `detections`, the ones
 baked into the graph: the runtime can only raise the score threshold). Manifests are untrusted:
@@ -23,6 +25,7 @@ OUTPUT_ROLES = {"yolo": ("predictions", "protos"), "detections": ("boxes", "scor
 MAX_CLASSES = 10_000
 MAX_MASKS = 1024
 MAX_DETECTIONS = 10_000
+MASK_SPACES = ("image", "box")  # masks over the input at prototype resolution | over each object's box
 
 
 class LayoutError(EdgesegError, ValueError):
@@ -39,6 +42,7 @@ class InstanceLayout:
     iou_threshold: float = 0.7
     max_detections: int = 100
     mask_margin: int = 1  # detections: prototype pixels kept around each box
+    mask_space: str = "image"  # detections: "box" when each mask spans its own box (M x M)
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -52,6 +56,9 @@ class InstanceLayout:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
                 raise LayoutError(f"instances.{name} must be a number in 0..1, got {value!r}")
             object.__setattr__(self, name, float(value))
+        if self.mask_space not in MASK_SPACES or (self.layout == "yolo" and self.mask_space != "image"):
+            raise LayoutError(f"instances.mask_space must be one of {MASK_SPACES} ('box' only for the 'detections' layout), "
+                              f"got {self.mask_space!r}")
         roles = OUTPUT_ROLES[self.layout]
         outputs = dict(self.outputs or {})
         if not outputs:

@@ -140,7 +140,10 @@ class InstancePostprocessor:
         cls = np.rint(classes[0, keep]).astype(np.int64)
         if cls.min() < 0 or cls.max() >= L.num_classes:
             raise InstanceError(f"the graph returned class ids up to {cls.max()} for {L.num_classes} classes")
-        return boxes[0, keep].astype(np.float32), s[keep], cls, ("masks", np.asarray(masks[0, keep], np.float32), None)
+        picked, data = boxes[0, keep].astype(np.float32), np.asarray(masks[0, keep], np.float32)
+        if L.mask_space == "box":  # each mask spans its own box: the box (input pixels) places it
+            return picked, s[keep], cls, ("box_masks", data, picked.copy())
+        return picked, s[keep], cls, ("masks", data, None)
 
     # -- masks --------------------------------------------------------------------------------
     def _to_frame(self, boxes: np.ndarray, frame_hw):
@@ -157,6 +160,8 @@ class InstancePostprocessor:
         """Each object's mask over its rect: prototype-resolution probabilities inside the box,
         warped (bilinear) to the rect's frame pixels, thresholded."""
         kind, data, protos = source
+        if kind == "box_masks":
+            return self._assemble_box_masks(data, protos, rects, ax, ay)
         ph, pw = proto_hw
         Hin, Win = self.preprocess.size
         # frame pixel x (its centre x + 0.5) -> input (x + 0.5) * s + pad -> prototype pixel coordinate
@@ -183,6 +188,25 @@ class InstancePostprocessor:
             crops.append(warped > self.mask_threshold)
         return crops
 
+    def _assemble_box_masks(self, masks: np.ndarray, boxes: np.ndarray, rects: np.ndarray, ax, ay):
+        """Masks (K, M, M) over their own input-pixel boxes, each warped (bilinear) to its rect's
+        frame pixels: a frame pixel's centre maps to input pixels, then into its box's M x M grid."""
+        crops = []
+        m_h, m_w = masks.shape[1:]
+        for k, (x0, y0, x1, y1) in enumerate(rects.tolist()):
+            if x1 <= x0 or y1 <= y0:
+                crops.append(np.zeros((max(0, y1 - y0), max(0, x1 - x0)), bool))
+                continue
+            bx0, by0, bx1, by1 = (float(v) for v in boxes[k])
+            a_x, a_y = ax[0] * m_w / max(bx1 - bx0, 1e-6), ay[0] * m_h / max(by1 - by0, 1e-6)
+            b_x = (0.5 * ax[0] + ax[1] - bx0) * m_w / max(bx1 - bx0, 1e-6) - 0.5
+            b_y = (0.5 * ay[0] + ay[1] - by0) * m_h / max(by1 - by0, 1e-6) - 0.5
+            M = np.array([[a_x, 0.0, a_x * x0 + b_x], [0.0, a_y, a_y * y0 + b_y]])
+            warped = cv2.warpAffine(np.ascontiguousarray(masks[k]), M, (x1 - x0, y1 - y0),
+                                    flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE)
+            crops.append(warped > self.mask_threshold)
+        return crops
+
     # -- the whole step ---------------------------------------------------------------------
     def __call__(self, outputs: dict, frame_hw, frame: np.ndarray | None = None, frame_index: int = 0,
                  timestamp: float | None = None) -> InstanceResult:
@@ -201,7 +225,7 @@ class InstancePostprocessor:
             ok = (rects[:, 2] > rects[:, 0]) & (rects[:, 3] > rects[:, 1])  # boxes that cover no pixel centre go
             if not ok.all():
                 xyxy, scores, classes, rects = xyxy[ok], scores[ok], classes[ok], rects[ok]
-                source = (source[0], source[1][ok], source[2])
+                source = (source[0], source[1][ok], source[2][ok] if source[0] == "box_masks" else source[2])
             proto_hw = source[2].shape[1:] if source[0] == "coefficients" else source[1].shape[1:]
             crops = self._assemble(source, rects, ax, ay, proto_hw)
             result = InstanceResult(xyxy, scores, classes, rects, crops, frame_hw, **common)

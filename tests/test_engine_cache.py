@@ -412,16 +412,25 @@ class _RecordingTensorRT(types.ModuleType):
 
         self.ILogger, self.IProgressMonitor, self.OnnxParser, self.Builder = ILogger, IProgressMonitor, OnnxParser, Builder
 
+    def init_libnvinfer_plugins(self, logger, namespace):
+        self.calls.append(("init_libnvinfer_plugins", namespace))
+        return True
+
 
 def _names(calls):
     return [c[0] for c in calls]
 
 
 def test_tensorrt10_uses_precision_flags(tmp_path, monkeypatch):
+    import runtime.engines.tensorrt as trt_engine
+
     rt = _RecordingTensorRT("10.8.0.43", precision_flags=True)
     monkeypatch.setitem(sys.modules, "tensorrt", rt)
+    monkeypatch.setattr(trt_engine, "_PLUGINS_READY", False)
     opts = BuildOptions("int8", workspace_mb=256, timing_cache=str(tmp_path / "tc.bin"), version_compatible=True)
     header = ct.build_engine(_onnx(tmp_path / "q.onnx", qdq=True), tmp_path / "e.engine", opts, target=L4)
+    # TensorRT's plugins are registered before parsing: the parser builds RoiAlign from one
+    assert _names(rt.calls).index("init_libnvinfer_plugins") < _names(rt.calls).index("parse_from_file")
     assert ("create_network", 0) in rt.calls
     assert ("set_flag", "FP16") in rt.calls and ("set_flag", "INT8") in rt.calls
     assert ("set_flag", "VERSION_COMPATIBLE") in rt.calls

@@ -147,3 +147,19 @@ def test_zoo_model_export_passes(tmp_path):
     torch.onnx.export(model, (torch.zeros(1, 3, 64, 64),), str(path), dynamo=False, opset_version=17,
                       input_names=["input"], output_names=["logits"])
     assert _errors(preflight(path)) == []
+
+
+def test_roi_align_names_the_plugin_tensorrt_builds_it_from():
+    def graph(**attrs):
+        nodes = [helper.make_node("RoiAlign", ["input", "rois", "idx"], ["logits"], name="pool", output_height=7,
+                                  output_width=7, sampling_ratio=2, **attrs)]
+        inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32]),
+                  helper.make_tensor_value_info("rois", TensorProto.FLOAT, [10, 4]),
+                  helper.make_tensor_value_info("idx", TensorProto.INT64, [10])]
+        return _graph(nodes, inputs=inputs)
+
+    (p,) = preflight(graph(coordinate_transformation_mode="half_pixel"))
+    assert p.severity == "warning" and p.node == "pool" and "ROIAlign_TRT plugin" in p.message
+    assert "init_libnvinfer_plugins" in p.fix
+    problems = preflight(graph(coordinate_transformation_mode="align_corners"))
+    assert [e.message for e in _errors(problems)] == ["coordinate_transformation_mode 'align_corners' is not an ONNX RoiAlign mode"]

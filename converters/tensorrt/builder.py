@@ -163,9 +163,10 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, o
     if options.hardware_compatible and target.compute_capability < (8, 0):
         raise ConversionError(f"hardware-compatible engines need an Ampere or newer GPU; this one is {target.sm} ({target.gpu_name})")
 
-    from runtime.engines.tensorrt import make_logger
+    from runtime.engines.tensorrt import init_plugins, make_logger
 
     logger = make_logger(trt)
+    init_plugins(trt, logger)  # before parsing: RoiAlign is imported as TensorRT's ROIAlign_TRT plugin
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt, strongly_typed))
     parser = trt.OnnxParser(network, logger)

@@ -240,6 +240,18 @@ def _check_node(node, constants) -> list[Problem]:
             out.append(Problem(name, op, f"K={int(np.max(k))} exceeds TensorRT's limit (< 3840)", "reduce K"))
         if not int(a.get("sorted", 1)):
             out.append(Problem(name, op, "unsorted TopK is not supported", "use sorted=True"))
+    elif op == "RoiAlign":
+        # onnx-tensorrt imports RoiAlign as a plugin layer, not a native one (onnxOpImporters.cpp)
+        coord = _text(a.get("coordinate_transformation_mode", "half_pixel"))
+        if coord not in ("half_pixel", "output_half_pixel"):
+            out.append(Problem(name, op, f"coordinate_transformation_mode {coord!r} is not an ONNX RoiAlign mode",
+                               "export RoiAlign with half_pixel (edgeseg.models.detection.roi_align does)"))
+        out.append(Problem(name, op, "TensorRT builds RoiAlign from its ROIAlign_TRT plugin (version 2, in "
+                           "libnvinfer_plugin; TensorRT 10 or newer), not from a native layer",
+                           "nothing to change for edgeseg, which registers TensorRT's plugins before it builds or loads an "
+                           "engine; an application loading the engine itself calls trt.init_libnvinfer_plugins(logger, '') "
+                           "first, and a version-compatible engine needs the nvinfer_vc_plugin library beside it",
+                           severity="warning"))
     elif op == "ScatterND" and _text(a.get("reduction", "none")) != "none":
         out.append(Problem(name, op, "ScatterND with a reduction is not supported", "scatter without reduction"))
     elif op == "LayerNormalization" and len([o for o in node.output if o]) > 1:

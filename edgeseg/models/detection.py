@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 BBOX_CLIP = math.log(1000.0 / 16)  # the largest log-scale a decoded box may grow by (as in Faster R-CNN)
@@ -90,36 +91,34 @@ def grid_anchors(size: int, stride: int, grid: tuple[int, int], ratios=(0.5, 1.0
 
 
 # -- NMS ---------------------------------------------------------------------------------------
-def _greedy_keep(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, score_threshold: float) -> torch.Tensor:
-    """Exact greedy NMS over a batch: boxes (N, S, 4), scores (N, S) -> keep (N, S) bool.
-
-    keep[i] = valid[i] and no kept higher-scoring box overlaps i by more than the threshold. The
-    recurrence only looks at better boxes, so iterating it from "keep every valid box" fixes one
-    more rank per pass at worst and stops at its unique fixed point: the greedy answer. On real
-    data a few passes of (S, S) tensor work replace S sequential Python steps."""
-    order = scores.argsort(dim=1, descending=True, stable=True)
-    b = boxes.gather(1, order[..., None].expand(-1, -1, 4))
-    s = scores.gather(1, order)
-    valid = s > score_threshold
-    later = torch.ones(s.shape[1], s.shape[1], dtype=torch.bool, device=s.device).triu(1)
-    suppresses = (box_iou(b, b) > iou_threshold) & later  # [j, i]: better box j would suppress i
-    keep = valid
-    for _ in range(s.shape[1] + 1):
-        new = valid & ~(suppresses & keep[..., :, None]).any(1)
-        if torch.equal(new, keep):
+def _greedy(suppress, k: int) -> list[int]:
+    """Greedy NMS over candidates sorted best first: suppress[i, j] says whether i removes j."""
+    removed = np.zeros(len(suppress), bool)
+    kept = []
+    for i in range(len(suppress)):
+        if removed[i]:
+            continue
+        kept.append(i)
+        if len(kept) == k:
             break
-        keep = new
-    out = torch.zeros_like(keep)
-    return out.scatter(1, order, keep)
+        removed |= suppress[i]
+    return kept
 
 
 @torch.library.custom_op("edgeseg::nms_topk", mutates_args=())
 def _nms_topk(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, score_threshold: float,
               k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    keep = _greedy_keep(boxes.float(), scores.float(), iou_threshold, score_threshold)
-    kept = torch.where(keep, scores, torch.full_like(scores, -1.0))
-    values, index = kept.topk(k, dim=1)
-    return index, values > -0.5
+    n = scores.shape[0]
+    index = torch.zeros(n, k, dtype=torch.long, device=scores.device)
+    valid = torch.zeros(n, k, dtype=torch.bool, device=scores.device)
+    for b in range(n):
+        order = scores[b].argsort(descending=True, stable=True)
+        cand = order[scores[b, order] > score_threshold]
+        box = boxes[b, cand].float()
+        kept = cand[_greedy((box_iou(box, box) > iou_threshold).cpu().numpy(), k)]
+        index[b, : len(kept)] = kept
+        valid[b, : len(kept)] = True
+    return index, valid
 
 
 @_nms_topk.register_fake
@@ -167,26 +166,50 @@ def _axis_samples(start: torch.Tensor, length: torch.Tensor, bins: int, sampling
     return torch.stack([low, high], -1), weight
 
 
+def _neighbours(shape, rois: torch.Tensor, batch_index: torch.Tensor, spatial_scale: float, out_h: int, out_w: int,
+                sampling_ratio: int):
+    """Rows of the flattened channels-last map (N * H * W, C) and bilinear weights of the 4
+    neighbours of every sample: (R * Py * Px, 4) each, samples in (RoI, y, x) order."""
+    n, c, h, w = shape
+    box = rois * spatial_scale - 0.5  # half_pixel: pixel centres sit at +0.5
+    iy, wy = _axis_samples(box[:, 1], box[:, 3] - box[:, 1], out_h, sampling_ratio, h)
+    ix, wx = _axis_samples(box[:, 0], box[:, 2] - box[:, 0], out_w, sampling_ratio, w)
+    base = (batch_index.long() * (h * w))[:, None, None, None, None]
+    index = base + iy[:, :, None, :, None] * w + ix[:, None, :, None, :]  # (R, Py, Px, 2, 2)
+    weight = wy[:, :, None, :, None] * wx[:, None, :, None, :]
+    return index.reshape(-1, 4), weight.reshape(-1, 4)
+
+
+def _roi_chunks(r: int, c: int, out_h: int, out_w: int, sampling_ratio: int):
+    """RoI ranges whose gathered neighbours (4 per sample, C values each) stay near 16M floats."""
+    step = max(1, (1 << 24) // (out_h * out_w * sampling_ratio**2 * 4 * c))
+    return [(i, min(r, i + step)) for i in range(0, r, step)]
+
+
 def _roi_align_impl(features: torch.Tensor, rois: torch.Tensor, batch_index: torch.Tensor, spatial_scale: float,
                     out_h: int, out_w: int, sampling_ratio: int) -> torch.Tensor:
     n, c, h, w = features.shape
-    r = rois.shape[0]
-    chunk = max(1, (1 << 24) // (out_h * out_w * sampling_ratio**2 * 4 * c))  # bounds the gathered samples' memory
-    if r > chunk:
-        return torch.cat([_roi_align_impl(features, rois[i : i + chunk], batch_index[i : i + chunk], spatial_scale, out_h,
-                                          out_w, sampling_ratio) for i in range(0, r, chunk)])
-    box = rois.to(features.dtype) * spatial_scale - 0.5  # half_pixel: pixel centres sit at +0.5
-    iy, wy = _axis_samples(box[:, 1], box[:, 3] - box[:, 1], out_h, sampling_ratio, h)
-    ix, wx = _axis_samples(box[:, 0], box[:, 2] - box[:, 0], out_w, sampling_ratio, w)
-    # flat index and weight of the 4 neighbours of every sample: (R, Py, Px, 2, 2)
-    base = (batch_index.long() * (h * w))[:, None, None, None, None]
-    index = base + iy[:, :, None, :, None] * w + ix[:, None, :, None, :]
-    weight = wy[:, :, None, :, None] * wx[:, None, :, None, :]
-    flat = features.permute(0, 2, 3, 1).reshape(n * h * w, c)  # channels last: one gather per sample
-    values = flat.index_select(0, index.reshape(-1)).reshape(*index.shape, c)
-    samples = (values * weight[..., None]).sum((3, 4))  # (R, Py, Px, C)
-    pooled = samples.reshape(r, out_h, sampling_ratio, out_w, sampling_ratio, c).mean((2, 4))
-    return pooled.permute(0, 3, 1, 2).contiguous()
+    flat = features.permute(0, 2, 3, 1).reshape(n * h * w, c)  # channels last: one gather per neighbour
+    out = []
+    for i, j in _roi_chunks(rois.shape[0], c, out_h, out_w, sampling_ratio):
+        index, weight = _neighbours(features.shape, rois[i:j], batch_index[i:j], spatial_scale, out_h, out_w, sampling_ratio)
+        values = flat.index_select(0, index.reshape(-1)).reshape(-1, 4, c)
+        samples = torch.bmm(weight[:, None, :], values)  # (R * Py * Px, 1, C)
+        out.append(samples.reshape(j - i, out_h, sampling_ratio, out_w, sampling_ratio, c).mean((2, 4)))
+    return torch.cat(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _roi_align_grad(shape, rois, batch_index, grad, spatial_scale, out_h, out_w, sampling_ratio) -> torch.Tensor:
+    """The gradient for the features: each output's gradient, shared by its bin's samples, spread
+    onto their 4 neighbours by the bilinear weights."""
+    n, c, h, w = shape
+    acc = grad.new_zeros(n * h * w, c)
+    g = grad.permute(0, 2, 3, 1) / sampling_ratio**2  # (R, out_h, out_w, C)
+    for i, j in _roi_chunks(rois.shape[0], c, out_h, out_w, sampling_ratio):
+        index, weight = _neighbours(shape, rois[i:j], batch_index[i:j], spatial_scale, out_h, out_w, sampling_ratio)
+        gs = g[i:j, :, None, :, None, :].expand(-1, -1, sampling_ratio, -1, sampling_ratio, -1).reshape(-1, 1, c)
+        acc.index_add_(0, index.reshape(-1), (weight[:, :, None] * gs).reshape(-1, c))
+    return acc.reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 
 @torch.library.custom_op("edgeseg::roi_align", mutates_args=())
@@ -202,17 +225,13 @@ def _(features, rois, batch_index, spatial_scale, out_h, out_w, sampling_ratio):
 
 def _roi_align_setup(ctx, inputs, output):
     features, rois, batch_index, *args = inputs
-    ctx.save_for_backward(features, rois, batch_index)
-    ctx.args = args
+    ctx.save_for_backward(rois, batch_index)
+    ctx.shape, ctx.args = tuple(features.shape), args
 
 
 def _roi_align_backward(ctx, grad):
-    # the kernel is plain differentiable torch: its backward is autograd through it
-    features, rois, batch_index = ctx.saved_tensors
-    with torch.enable_grad():
-        f = features.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(_roi_align_impl(f, rois, batch_index, *ctx.args), f, grad)
-    return g, None, None, None, None, None, None
+    rois, batch_index = ctx.saved_tensors
+    return _roi_align_grad(ctx.shape, rois, batch_index, grad.contiguous(), *ctx.args), None, None, None, None, None, None
 
 
 _roi_align.register_autograd(_roi_align_backward, setup_context=_roi_align_setup)

@@ -13,13 +13,15 @@ Built to export with fixed shapes end to end (`edgeseg.models.detection` has the
   padding reads exactly what RoIAlign's border rule reads; one call, not one per level.
 * anchors are constants of the input size, so the graph has no shape arithmetic.
 
-In eval mode `forward(images)` returns a dict of fixed-size tensors (D = detections_per_img):
-`boxes` (N, D, 4) x1 y1 x2 y2 in input pixels, `scores` (N, D) (0 for empty slots), `classes`
-(N, D) int64 in 0..num_classes-1 (no background class), `masks` (N, D, M, M) mask
-probabilities over each box (M = 2 * mask_pool, 28 by default): resize one onto its box and
-threshold at 0.5 to paste it. In train mode `forward(images, targets)` returns the five losses
-(`edgeseg.models.rcnn_losses`); targets are one dict per image with `boxes` (G, 4) in input
-pixels, `labels` (G,) in 0..num_classes-1 and `masks` (G, H, W) at input size.
+In eval mode `forward(images)` returns fixed-size tensors, in `OUTPUTS` order (D =
+detections_per_img): `boxes` (N, D, 4) x1 y1 x2 y2 in input pixels, `scores` (N, D), `classes`
+(N, D) int64 in 0..num_classes-1 (no background class), `masks` (N, D, M, M) mask probabilities
+over each box (M = 2 * mask_pool, 28 by default): resized onto its box and thresholded at 0.5,
+one is the object's mask. Rows are sorted by score; empty rows are all zeros. This is the
+`detections` instance layout with box-relative masks (`instance_layout()`), which the runtime
+pastes per object. In train mode `forward(images, targets)` returns the five losses
+(`edgeseg.models.rcnn_losses`; `training_loss` takes the padded batches of
+`edgeseg.train_instances` as well).
 
 Module names follow torchvision's layout (backbone.body / backbone.fpn, rpn.head, roi_heads.*),
 so torchvision-style weights load by name (`load_backbone_weights`).
@@ -40,6 +42,7 @@ from edgeseg.models.registry import register
 from edgeseg.models.resnet import ResNet
 
 BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # box-head regression weights (Faster R-CNN's)
+OUTPUTS = ("boxes", "scores", "classes", "masks")
 
 
 # -- backbone ----------------------------------------------------------------------------------
@@ -275,13 +278,31 @@ class MaskRCNN(nn.Module):
             return maskrcnn_losses(self, feats, (scores, deltas, anchors), proposals, valid, targets, size)
         return self.detect(feats, proposals, valid, size)
 
+    def instance_layout(self) -> dict:
+        """The manifest's `instances` entry for this network's outputs (edgeseg.instance_layout)."""
+        from edgeseg.instance_layout import InstanceLayout
+
+        return InstanceLayout("detections", self.num_classes, outputs={k: k for k in OUTPUTS}, mask_space="box",
+                              score_threshold=self.box_score_thresh, iou_threshold=self.box_nms_thresh,
+                              max_detections=self.detections_per_img).to_dict()
+
+    def training_loss(self, images: torch.Tensor, targets, loss_fn=None, ignore_index=None) -> torch.Tensor:
+        """The sum of the five losses: what `edgeseg.train.fit` minimises. `targets` is a list of
+        per-image dicts (see the module doc) or the padded batch of
+        `edgeseg.train_instances.InstanceReaderDataset`: boxes (N, G, 4), classes (N, G) with -1
+        for padding, masks (N, G, h, w) uint8 0..255 (the share of each pixel the object covers)."""
+        if isinstance(targets, dict):
+            targets = [{"boxes": b[c >= 0], "labels": c[c >= 0], "masks": m[c >= 0].float() / 255.0}
+                       for b, c, m in zip(targets["boxes"], targets["classes"], targets["masks"])]
+        return sum(self(images, targets).values())
+
     def box_outputs(self, feats, rois: torch.Tensor, batch_index: torch.Tensor):
         return self.roi_heads.box_head(self.roi_heads.box_roi_pool(feats, rois, batch_index))
 
     def mask_logits(self, feats, rois: torch.Tensor, batch_index: torch.Tensor):
         return self.roi_heads.mask_head(self.roi_heads.mask_roi_pool(feats, rois, batch_index))
 
-    def detect(self, feats, proposals: torch.Tensor, valid: torch.Tensor, size) -> dict[str, torch.Tensor]:
+    def detect(self, feats, proposals: torch.Tensor, valid: torch.Tensor, size) -> tuple[torch.Tensor, ...]:
         n, r = proposals.shape[:2]
         k = self.num_classes
         batch_index = torch.arange(n, device=proposals.device).repeat_interleave(r)
@@ -295,14 +316,15 @@ class MaskRCNN(nn.Module):
         classes = torch.arange(k, device=boxes.device).repeat(r)  # the class of each of the R * K candidates
         idx, keep = nms_topk(offset_by_group(boxes, classes, float(max(size) + 1)), probs, self.box_nms_thresh,
                              self.detections_per_img, score_threshold=self.box_score_thresh)
-        det_boxes = boxes.gather(1, idx[..., None].expand(-1, -1, 4))
-        det_scores = probs.gather(1, idx) * keep.to(probs.dtype)
-        det_classes = classes[idx]
+        live = keep.to(probs.dtype)  # empty rows become zeros, the same on every backend
+        det_boxes = boxes.gather(1, idx[..., None].expand(-1, -1, 4)) * live[..., None]
+        det_scores = probs.gather(1, idx) * live
+        det_classes = torch.where(keep, classes[idx], torch.zeros_like(idx))
         d = idx.shape[1]
         masks = self.mask_logits(feats, det_boxes.reshape(n * d, 4), torch.arange(n, device=idx.device).repeat_interleave(d))
         pick = (det_classes.reshape(n * d) + 1)[:, None, None, None].expand(-1, 1, self.mask_size, self.mask_size)
-        masks = torch.sigmoid(masks.gather(1, pick)).reshape(n, d, self.mask_size, self.mask_size)
-        return {"boxes": det_boxes, "scores": det_scores, "classes": det_classes, "masks": masks}
+        masks = torch.sigmoid(masks.gather(1, pick)).reshape(n, d, self.mask_size, self.mask_size) * live[..., None, None]
+        return det_boxes, det_scores, det_classes, masks
 
 
 # -- weights -----------------------------------------------------------------------------------

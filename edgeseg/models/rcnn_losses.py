@@ -3,7 +3,8 @@ losses (RPN objectness and boxes, box-head classes and boxes, masks), as in the 
 torchvision's reference implementation.
 
 Targets are one dict per image: `boxes` (G, 4) x1 y1 x2 y2 in input pixels, `labels` (G,) in
-0..num_classes-1, `masks` (G, H, W) at input size (any dtype; nonzero is the object).
+0..num_classes-1, `masks` (G, H/s, W/s) at the input size or an integer fraction of it: floats
+are the share of each pixel the object covers, other dtypes nonzero where the object is.
 """
 from __future__ import annotations
 
@@ -49,8 +50,11 @@ def _check_target(t: dict, size, num_classes: int) -> tuple[torch.Tensor, torch.
     if boxes.dim() != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1] or masks.shape[0] != boxes.shape[0]:
         raise ValueError(f"a target needs boxes (G, 4), labels (G,) and masks (G, H, W); got {tuple(boxes.shape)}, "
                          f"{tuple(labels.shape)}, {tuple(masks.shape)}")
-    if tuple(masks.shape[-2:]) != tuple(size):
-        raise ValueError(f"target masks are {tuple(masks.shape[-2:])}, the input is {tuple(size)}: give masks at input size")
+    h, w = masks.shape[-2:] if masks.dim() == 3 else (0, 0)
+    if not h or not w or size[0] % h or size[1] % w or size[0] // h != size[1] // w:
+        raise ValueError(f"target masks are {tuple(masks.shape[-2:])} for a {tuple(size)} input: give masks at input size "
+                         "or the same integer fraction of both sides")
+    masks = masks if masks.is_floating_point() else (masks != 0).float()
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"target labels must be in 0..{num_classes - 1}, got {labels.min().item()}..{labels.max().item()}")
     return boxes, labels, masks
@@ -102,8 +106,8 @@ def maskrcnn_losses(model, feats, rpn_out, proposals, valid, targets: list[dict]
         reg_targets.append(encode_boxes(boxes[m[pos]], cand[pos], BOX_WEIGHTS) if pos.numel() else cand.new_zeros(0, 4))
         if pos.numel():
             # the object's mask as the head sees it: RoIAlign of the mask over the proposal
-            gt = (masks != 0).to(cand)[:, None]
-            mask_targets.append(roi_align(gt, cand[pos], model.mask_size, 1.0, 2, batch_index=m[pos])[:, 0])
+            scale = masks.shape[-1] / size[1]
+            mask_targets.append(roi_align(masks.to(cand)[:, None], cand[pos], model.mask_size, scale, 2, batch_index=m[pos])[:, 0])
         else:
             mask_targets.append(cand.new_zeros(0, model.mask_size, model.mask_size))
     rois, index, labels = torch.cat(rois), torch.cat(index), torch.cat(labels)

@@ -256,9 +256,10 @@ _PLUGINS_LOCK = threading.Lock()
 _PLUGINS_READY = False
 
 
-def _init_plugins(trt, logger) -> None:
-    """Register TensorRT's own plugins once per process, before the first engine is deserialised:
-    an engine whose network used one (from the ONNX parser's plugin fallback) fails to load otherwise."""
+def init_plugins(trt, logger) -> None:
+    """Register TensorRT's own plugins once per process, before the first network is parsed or engine
+    deserialised: the ONNX parser builds some ops from them (RoiAlign: ROIAlign_TRT), and an engine
+    that uses one fails to load otherwise."""
     global _PLUGINS_READY
     with _PLUGINS_LOCK:
         if not _PLUGINS_READY:
@@ -323,7 +324,7 @@ class TensorRTEngine(EngineIO):
         try:
             with self.gpu.active():
                 self._logger = make_logger(trt)
-                _init_plugins(trt, self._logger)
+                init_plugins(trt, self._logger)
                 self._runtime = trt.Runtime(self._logger)
                 if (self.header.get("options") or {}).get("version_compatible"):
                     # Version-compatible plans carry the lean runtime that runs them as host code.
