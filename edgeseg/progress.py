@@ -18,8 +18,9 @@ Library code says what it is doing and how far it got, without knowing about ter
     progress.write("a line printed between the bars, not through them")
 
 `bar()` also works without `with` (call `.close()`), for callbacks such as TensorRT's
-IProgressMonitor. Every call is a no-op object when progress is off, so reporting costs nothing
-in a library, a test or a service.
+IProgressMonitor. Bars nest: one opened while another is drawn (the frames of one trial inside
+a search over trials) disappears when it ends, the outermost stays as a record. Every call is a
+no-op object when progress is off, so reporting costs nothing in a library, a test or a service.
 
 Where it goes is decided once by the program (the CLI does it from `--quiet`/`--json`):
 `configure(enabled=None)` shows bars only when stderr is a terminal (the default), True/False
