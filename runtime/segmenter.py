@@ -150,11 +150,12 @@ class Segmenter:
 
     def _open_gpu_path(self, wanted: bool):
         """(the GPU frame path or None, which path runs and why)."""
-        if self.engine.backend != "tensorrt":
+        from runtime.cuda.frames import GpuFramePath, is_device_engine
+
+        if not is_device_engine(self.engine):
             return None, f"cpu: the {self.engine.backend} engine takes host arrays"
         if not wanted:
             return None, "cpu: gpu_frames=False"
-        from runtime.cuda.frames import GpuFramePath
 
         path = GpuFramePath(self.engine, self.bundle.manifest, self.postprocessor)
         how = "gpu" if path.on_gpu else f"gpu preprocessing and engine, postprocessing on the cpu: {path.why_cpu}"
@@ -278,7 +279,6 @@ class Segmenter:
 
         if self._gpu is not None:
             gpu = self._gpu
-            gpu.reset()  # a stream that ended early may have left frames in flight
             # the sinks' overlay, drawn on the GPU where it is the default blend or fill
             alpha_gpu = None if not sinks or render is not None or mode not in ("blend", "fill") else (
                 1.0 if mode == "fill" else float(alpha))
@@ -348,6 +348,8 @@ class Segmenter:
             if self._gpu is not None:
                 self._gpu.cancel()  # a stage waiting for a free slot gives up
             pipeline.close()
+            if self._gpu is not None:
+                self._gpu.reset()  # the threads are joined: frames left in flight are dropped, slots free again
             errors = []
             for s in sinks:
                 try:

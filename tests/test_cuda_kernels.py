@@ -263,3 +263,104 @@ def test_gpu_classify_and_overlay_are_exact(gpu, rng, dtype):
     if dtype == np.float32:
         assert np.mean(h_map == post(logits, frame_hw).class_map) == 1.0 or np.isnan(logits).any()
     assert np.array_equal(h_out, overlay_reference(frame, expected, tables.palette_bgr, 0.45, tables.draw))
+
+
+# -- GPU: the whole frame path around a device engine made of one CUDA kernel ---------------------------
+HEAD_KERNEL = r"""
+extern "C" __global__ void linear_head(const float* x, float* y, int hw, const float* w, const float* b, int c)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= hw) return;
+    for (int k = 0; k < c; ++k) {
+        float v = b[k];
+        for (int j = 0; j < 3; ++j) v = __fadd_rn(v, __fmul_rn(w[k * 3 + j], x[j * hw + i]));
+        y[k * hw + i] = v;
+    }
+}
+"""
+
+
+class _HeadEngine:
+    """A device engine (what GpuFramePath drives, as it drives TensorRTEngine) whose network is a 1x1
+    convolution from the input to C scores, in one CUDA kernel: the GPU frame path without TensorRT."""
+
+    backend, precision = "cuda-test-head", "fp32"
+
+    def __init__(self, gpu, pre, weights, bias):
+        from pycuda.compiler import SourceModule
+
+        from runtime.engines.base import TensorInfo
+
+        self.gpu, self.pre = gpu, pre
+        self.w, self.b = np.ascontiguousarray(weights, np.float32), np.ascontiguousarray(bias, np.float32)
+        c, (h, w) = len(bias), pre.size
+        self.inputs = [TensorInfo("input", pre.input_shape, np.dtype(np.float32))]
+        self.outputs = [TensorInfo("logits", (1, c, h, w), np.dtype(np.float32))]
+        with gpu.active():
+            self.fn = SourceModule(HEAD_KERNEL, no_extern_c=True).get_function("linear_head")
+            self.d_w, self.d_b = gpu.cuda.mem_alloc(self.w.nbytes), gpu.cuda.mem_alloc(self.b.nbytes)
+            gpu.cuda.memcpy_htod(self.d_w, self.w)
+            gpu.cuda.memcpy_htod(self.d_b, self.b)
+        self.out: list = []
+
+    def check_shape(self, info, shape):
+        assert tuple(shape) == tuple(info.shape)
+
+    def ensure_slots(self, n):
+        with self.gpu.active():
+            while len(self.out) < n:
+                self.out.append(self.gpu.cuda.mem_alloc(int(np.prod(self.outputs[0].shape)) * 4))
+
+    def infer_device(self, inputs, shapes=None, stream=None, slot=0):
+        from runtime.engines.tensorrt import DeviceTensor
+
+        _, c, h, w = self.outputs[0].shape
+        with self.gpu.active():
+            self.fn(np.intp(int(inputs["input"])), self.out[slot], np.int32(h * w), self.d_w, self.d_b, np.int32(c),
+                    block=(256, 1, 1), grid=((h * w + 255) // 256, 1), stream=stream)
+        return {"logits": DeviceTensor("logits", int(self.out[slot]), self.outputs[0].shape, np.dtype(np.float32))}
+
+    def reference(self, frame):
+        x = self.pre.apply(frame)[0].reshape(3, -1)
+        return (self.w @ x + self.b[:, None]).reshape(1, len(self.b), *self.pre.size).astype(np.float32)
+
+    def close(self):
+        with self.gpu.active():
+            for a in (self.d_w, self.d_b, *self.out):
+                a.free()
+        self.out = []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pre", [Preprocess(size=(96, 128), resize="letterbox"), Preprocess(size=(128, 128))],
+                         ids=["letterbox", "stretch"])
+def test_gpu_frame_path_on_a_device_engine(gpu, rng, tmp_path, pre):
+    from edgeseg.bundle import Bundle, Manifest
+    from runtime.segmenter import Segmenter
+
+    labels = ["background", "red", "green", "blue"]
+    bundle = Bundle.create(tmp_path / "b", Manifest(labels=labels, palette=PALETTE_RGB[:4].tolist(), preprocess=pre))
+    weights = np.array([[0, 0, 0], [3, -1, -1], [-1, 3, -1], [-1, -1, 3]], np.float32)
+    engine = _HeadEngine(gpu, pre, weights, np.array([1.0, 0, 0, 0], np.float32))
+    seg = Segmenter(bundle, engine=engine)
+    cpu_post = Postprocessor.from_manifest(bundle.manifest)
+    assert seg.frame_path == "gpu"
+    frames = [rng.integers(0, 256, (h, w, 3), np.uint8) for h, w in [(480, 640), (721, 1279), (1080, 1920), (480, 640)]]
+    for f in frames:
+        expected = cpu_post(engine.reference(f), f.shape[:2]).class_map
+        assert np.mean(seg.segment(f).class_map == expected) >= 0.999
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, f in enumerate(frames[:1] * 6):
+        cv2.imwrite(str(folder / f"{i:02d}.png"), f)
+    results = list(seg.stream(str(folder), save=str(tmp_path / "out" / "%05d.png"), alpha=0.5))
+    expected = cpu_post(engine.reference(frames[0]), frames[0].shape[:2])
+    for r in results:
+        assert np.mean(r.class_map == expected.class_map) >= 0.999
+    written = cv2.imread(str(sorted((tmp_path / "out").iterdir())[-1]))
+    same = results[-1].class_map == expected.class_map
+    assert np.abs(written.astype(int) - results[-1].overlay(alpha=0.5).astype(int))[same].max() <= 1  # drawn on the GPU
+    cuda_stages = seg.stats.summary()["cuda_stages"]
+    assert cuda_stages["inference"]["count"] == 6 and cuda_stages["upload"]["mean_ms"] > 0
+    seg.close()
+    engine.close()

@@ -186,6 +186,7 @@ def test_a_stream_stopped_early_leaves_the_slots_usable(gpu, bundle):
         if i == 2:
             break
     assert len(list(seg.stream("synthetic://?frames=5&width=96&height=64"))) == 5
+    assert seg.segment(_frames(1)[0]).class_map.shape == (200, 300)  # and one frame after the streams
     seg.close()
 
 
@@ -258,3 +259,18 @@ def test_engine_built_for_another_gpu_is_not_deserialised(gpu, bundle):
     with pytest.raises(EngineError, match="no TensorRT engine for this machine.*7.5.*build_missing=True"):
         TensorRTEngine.from_bundle(bundle)
     assert not gpu.of("deserialize")
+
+
+def test_run_build_missing(default_bundle, monkeypatch, tmp_path, capsys):
+    """--build-missing hands a bundle without an engine for this GPU to the builder (above the runtime)."""
+    from edgeseg.cli import main
+
+    source = "synthetic://?frames=2&width=64&height=48"
+    assert main(["run", str(default_bundle.path), "--source", source, "--build-missing"]) == 0  # no TensorRT: ONNX Runtime
+    assert "backend onnxruntime" in capsys.readouterr().err
+    if not shutil.which("g++"):
+        pytest.skip("no C++ compiler to build the kernels' host code")
+    fake_gpu.install(monkeypatch, str(default_bundle.artifact_path(default_bundle.select("onnxruntime", "fp32"))))
+    assert main(["run", str(default_bundle.path), "--source", source, "--build-missing"]) == 2
+    err = capsys.readouterr().err  # the stand-in has the runtime only, as TensorRT's lean package does
+    assert "has no builder/ONNX parser" in err and "edgeseg build" in err

@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loop", action="store_true",
                    help="replay a video file, image folder or synthetic clip until Ctrl-C (handy with --serve)")
     p.add_argument("--threads", type=int, default=None, help="engine threads (default: the engine's choice)")
+    p.add_argument("--build-missing", action="store_true",
+                   help="with TensorRT and a GPU but no engine of the bundle built for them: build one into the engine "
+                        "cache first (the bundle stays as it is; `edgeseg build` adds it to the bundle instead)")
     add_stage_nice_argument(p)
     p.add_argument("--stats", action="store_true", help="print per-stage timings at the end")
     p.add_argument("--stats-json", metavar="PATH", help="write timings as JSON (rewritten every few seconds)")
@@ -63,12 +66,18 @@ def run(args) -> int:
 
     if wants_batch(args):
         return run_batch(args, _labels)
-    from runtime.segmenter import Segmenter
+    if args.build_missing:  # the layer above the runtime, which may import the converters
+        from edgeseg.segmenter import Segmenter
+    else:
+        from runtime.segmenter import Segmenter
 
     options = {"threads": args.threads} if args.threads else {}
+    if args.build_missing:
+        options["build_missing"] = True
     seg = Segmenter(args.bundle, backend=args.backend, precision=args.precision, smoothing=args.smoothing,
                     keep=_labels(args.keep), ignore=_labels(args.ignore), threshold=args.threshold, **options)
-    print(f"backend {seg.backend} ({seg.backend_reason}), precision {seg.precision}", file=sys.stderr, flush=True)
+    print(f"backend {seg.backend} ({seg.backend_reason}), precision {seg.precision}, frames on the {seg.frame_path}",
+          file=sys.stderr, flush=True)
     why = int8_choice(seg)
     if why:
         print(why, file=sys.stderr, flush=True)

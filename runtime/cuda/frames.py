@@ -6,6 +6,10 @@ postprocessing, with only the class map (and the overlay, when a sink draws one)
     path.infer(slot)                # engine on device pointers, classification (+ overlay), async download
     result, overlay, cuda_ms = path.collect(slot, postprocessor, index)   # wait for this frame only
 
+The engine is a device engine: TensorRTEngine, or anything offering what the path uses of it
+(`gpu` (GpuContext), `inputs`, `outputs`, `check_shape`, `ensure_slots(n)` and
+`infer_device(inputs, shapes, stream, slot) -> {name: DeviceTensor}`), as the benchmarks' stand-ins do.
+
 Each frame in flight has its own slot: a CUDA stream, events between the stages, device and
 page-locked host buffers and an execution context of the engine. `upload`, `infer` and `collect`
 are the preprocess, inference and postprocess stages of runtime.pipeline, on three threads: while
@@ -41,6 +45,11 @@ WAIT_S = 0.05  # how often a wait for a free slot checks for cancellation
 
 class Cancelled(EngineError):
     """The frame path was closed while a stage waited for a free slot."""
+
+
+def is_device_engine(engine) -> bool:
+    """Whether `engine` runs on device pointers in a GpuContext (the TensorRT engine does)."""
+    return hasattr(engine, "infer_device") and hasattr(engine, "gpu") and hasattr(engine, "ensure_slots")
 
 
 def cpu_postprocessing_reason(postprocessor) -> str | None:
@@ -104,8 +113,9 @@ class GpuFramePath:
     """Frames -> SegmentationResult around a TensorRT engine, `in_flight` frames at a time."""
 
     def __init__(self, engine, manifest, postprocessor, *, in_flight: int = 2):
-        if getattr(engine, "backend", None) != "tensorrt":
-            raise EngineError("the GPU frame path runs a TensorRT engine; other backends take the CPU path")
+        if not is_device_engine(engine):
+            raise EngineError(f"the GPU frame path runs an engine on device buffers (TensorRT); the "
+                              f"{getattr(engine, 'backend', type(engine).__name__)} engine takes the CPU path")
         self.engine, self.manifest, self.pre = engine, manifest, manifest.preprocess
         self.gpu, self.cuda = engine.gpu, engine.gpu.cuda
         inp = engine.inputs[0]
@@ -311,4 +321,4 @@ class GpuFramePath:
             self.post_k.close()
 
 
-__all__ = ["GpuFramePath", "CUDA_STAGES", "Cancelled", "cpu_postprocessing_reason"]
+__all__ = ["GpuFramePath", "CUDA_STAGES", "Cancelled", "cpu_postprocessing_reason", "is_device_engine"]
