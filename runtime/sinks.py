@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import threading
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -292,7 +293,11 @@ class ImageFileSink(Sink):
 
 
 class ServerSink(Sink):
-    """The browser view: publishes frames (and stats) to a runtime.server.FrameServer."""
+    """The browser view: publishes frames, and stats with the classes in view (label, RGB colour,
+    share of the frame's pixels, largest first, as the legend shows them), to a
+    runtime.server.FrameServer."""
+
+    CLASSES_EVERY_S = 0.25  # counting a frame's classes costs about a millisecond at 720p
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, server=None, **server_opts):
         from runtime.server import FrameServer
@@ -300,12 +305,21 @@ class ServerSink(Sink):
         self.server = server if server is not None else FrameServer(host, port, **server_opts).start()
         self._own = server is None
         self.uri = self.server.url
+        self.classes: list[dict] = []
+        self._counted = float("-inf")
 
     def write(self, image, result=None) -> None:
         self.server.publish(image)
+        now = time.monotonic()
+        if isinstance(getattr(result, "class_map", None), np.ndarray) and now - self._counted >= self.CLASSES_EVERY_S:
+            from runtime.legend import present_classes
+
+            self._counted = now
+            self.classes = [{"label": label, "color": list(rgb), "share": round(share, 4)}
+                            for _, label, rgb, share in present_classes(result)]
 
     def publish_stats(self, summary: dict) -> None:
-        self.server.publish_stats(summary)
+        self.server.publish_stats({**summary, "classes": self.classes})
 
     def close(self) -> None:
         if self._own:

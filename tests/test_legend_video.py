@@ -79,3 +79,23 @@ def test_video_without_pyav_falls_back_and_says_which_codec(tmp_path, monkeypatc
     cap = cv2.VideoCapture(str(tmp_path / "v.mp4"))
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
     cap.release()
+
+
+def test_browser_view_stats_carry_the_classes_in_view():
+    from runtime.sinks import ServerSink
+
+    class Server:
+        url = "http://127.0.0.1:0/"
+        published = None
+
+        def publish(self, image):
+            pass
+
+        def publish_stats(self, summary):
+            self.published = summary
+
+    sink = ServerSink(server=Server())
+    sink.write(np.zeros((100, 200, 3), np.uint8), result_with({1: 2000, 3: 6000}))
+    sink.publish_stats({"frames_out": 1})
+    assert sink.server.published == {"frames_out": 1, "classes": [
+        {"label": "triangle", "color": [0, 0, 255], "share": 0.3}, {"label": "ball", "color": [255, 0, 0], "share": 0.1}]}
