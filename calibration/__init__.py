@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -93,12 +92,12 @@ def calibrate_bundle(bundle_path: str | os.PathLike, data: Any, *, method: str =
         warnings.warn("no held-out evaluation frames: INT8 accuracy is not measured and no layer is kept in float; "
                       f"pass {option('eval_data')} with labelled held-out data", CalibrationWarning, stacklevel=2)
 
-    staging = Path(tempfile.mkdtemp(prefix=".calibrate-", dir=bundle.path))
+    staging = bundle.staging_dir("calibrate")
     try:
         summary = _calibrate(bundle, fp32, fp32_path, calib, evalset, staging, method=method, targets=targets, budget=budget,
                              sensitivity=sensitivity, sensitivity_frames=sensitivity_frames, trt_version=trt_version,
                              num_bins=num_bins, percentile=percentile, say=say)
-        _commit(bundle, staging, summary, Artifact)
+        _commit_locked(bundle, staging, summary, Artifact)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -307,6 +306,19 @@ def _target_summary(e: dict) -> dict:
         "within_budget": e.get("within_budget"), "validator": e.get("validator"),
         "parity_mask_agreement": (e.get("parity_vs_fp32") or {}).get("mask_agreement"),
     }
+
+
+def _commit_locked(bundle, staging: Path, summary: dict, Artifact) -> None:
+    """`_commit` under the bundle's write lock, into the manifest as it is now on disk (what another
+    writer added meanwhile stays), unless the FP32 model was replaced while calibrating."""
+    from edgeseg.bundle import Bundle
+
+    source = bundle.select("onnxruntime", "fp32")
+    with Bundle.writing(bundle.path) as current:
+        if not any(a.path == source.path and a.sha256 == source.sha256 for a in current.find("onnxruntime", "fp32")):
+            raise CalibrationError(f"{bundle.path / source.path} was replaced while calibrating (by another `edgeseg convert`?); "
+                                   "the INT8 graphs would not match it: run `edgeseg calibrate` again")
+        _commit(current, staging, summary, Artifact)
 
 
 def _commit(bundle, staging: Path, summary: dict, Artifact) -> None:

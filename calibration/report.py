@@ -34,7 +34,9 @@ def json_safe(x):
 
 
 def write_json(report: dict, path: str | os.PathLike) -> None:
-    Path(path).write_text(json.dumps(json_safe(report), indent=2) + "\n")
+    from edgeseg.files import strip_local_paths  # the report travels with the bundle
+
+    Path(path).write_text(json.dumps(strip_local_paths(json_safe(report)), indent=2) + "\n")
 
 
 def write_png(report: dict, path: str | os.PathLike) -> None:
@@ -42,6 +44,9 @@ def write_png(report: dict, path: str | os.PathLike) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from edgeseg.files import strip_local_paths
+
+    report = strip_local_paths(report)  # the picture travels with the bundle too
     targets = list(report.get("targets", {}).items())
     rows = max(1, len(targets))
     fig = Figure(figsize=(15, 4.8 * rows))

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeseg.bundle import Artifact, Bundle, Manifest, atomic_path, default_palette, sha256_file
+from edgeseg.bundle import Artifact, Bundle, Manifest, atomic_path, default_palette, sha256_file, write_lock
 from edgeseg import progress
 from edgeseg.errors import ConversionError, option
 from edgeseg.spec import Preprocess
@@ -118,7 +118,7 @@ def _from_checkpoint(path: Path, name: str | None = None) -> SourceModel:
     pre = Preprocess.from_dict(ckpt["preprocess"]) if ckpt.get("preprocess") else Preprocess()
     return SourceModel(
         name or path.stem, model, labels=list(ckpt.get("labels") or []), palette=ckpt.get("palette") or [],
-        preprocess=pre, sha256=sha256_file(path), info={"architecture": ckpt["arch"], "checkpoint": str(path)},
+        preprocess=pre, sha256=sha256_file(path), info={"architecture": ckpt["arch"], "checkpoint": path.name},
     )
 
 
@@ -132,7 +132,7 @@ def _from_torch_file(path: Path) -> SourceModel:
     if head[:2] == b"PK":  # zip: torch.save or TorchScript
         try:
             module = torch.jit.load(str(path), map_location="cpu")
-            return SourceModel(path.stem, module.eval(), sha256=sha256_file(path), info={"torchscript": str(path)})
+            return SourceModel(path.stem, module.eval(), sha256=sha256_file(path), info={"torchscript": path.name})
         except RuntimeError:
             pass  # not TorchScript: an ordinary torch.save archive
     try:
@@ -154,7 +154,7 @@ def _from_onnx(path: Path) -> SourceModel:
     except Exception as e:
         raise ConversionError(f"{path} is not a valid ONNX model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); re-export it") from None
     meta = {p.key: p.value for p in m.metadata_props}
-    src = SourceModel(path.stem, None, onnx_path=path, sha256=sha256_file(path), info={"onnx": str(path)})
+    src = SourceModel(path.stem, None, onnx_path=path, sha256=sha256_file(path), info={"onnx": path.name})
     if META_KEY in meta:
         d = json.loads(meta[META_KEY])
         src.labels, src.palette = d.get("labels", []), d.get("palette", [])
@@ -461,7 +461,7 @@ def convert(source, out: str | os.PathLike, *, dynamic: bool = False, fold_norma
     if out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
         raise ConversionError(f"{out} exists and is not a bundle; choose an empty or new folder for --out")
     pre = src.preprocess
-    with atomic_path(out) as tmp:
+    with write_lock(out), atomic_path(out) as tmp:
         tmp.mkdir()
         onnx_path = tmp / "model.onnx"
         meta = {"labels": src.labels, "palette": src.palette}

@@ -2,29 +2,51 @@
 
 The runtime needs nothing else to run a bundle: labels, palette, preprocessing, output kind and
 each artifact's backend, precision, checksum and measured parity all live in the manifest.
-Every write is atomic (temporary file or folder, then `os.replace`), so a crash never leaves a
-half-written manifest, engine or package behind.
+
+A bundle is a file people pass around, so nothing in it is trusted:
+- the manifest is read bounded (size, nesting), as strict JSON, and validated against the
+  published schema (edgeseg/schema/manifest.schema.json); every problem is a BundleError that
+  names the field, the bad value and the fix;
+- every artifact is a plain relative path that resolves inside the folder (no absolute path, no
+  `..`, no symlink leading out), is a regular file or a folder of them, and carries a sha256
+  that `artifact_path` checks before anything opens it.
+
+Writing: every write is atomic (`edgeseg.files.atomic_path`), and every command that writes a
+bundle holds its lock (`Bundle.writing` / `write_lock`): it re-reads the manifest under the lock,
+so two writers never drop each other's artifacts; stale temporaries of killed writers go then.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
+import logging
+import math
 import os
-import shutil
-import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from edgeseg import schema
 from edgeseg.errors import EdgesegError
+from edgeseg.files import (UnsafePathError, atomic_path, check_tree, clean_stale_temps, contained, make_temp_dir,
+                           read_bounded, relative_path_problem, sha256_file, strip_local_paths, write_text_atomic)
 from edgeseg.spec import Preprocess
+
+log = logging.getLogger("edgeseg.bundle")
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-OUTPUT_KINDS = ("logits", "probs", "mask", "instances")
-TASKS = ("semantic-segmentation", "instance-segmentation")
+# the vocabularies come from the published schema, the one place they are defined
+TASKS = schema.enum("task")
+OUTPUT_KINDS = schema.enum("output_kind")
+BACKENDS = schema.enum("backend")  # == runtime.engines.registry.backend_names() (tested)
+PRECISIONS = schema.enum("precision")
+MAX_MANIFEST_BYTES = 8 << 20  # calibrated bundles with reports in `metrics` stay far below
+MAX_DEPTH = 64
+LOCK_TIMEOUT_S = 600.0
+FIX = "fix the field or re-create the bundle with `edgeseg convert`"
 
 
 def backend_names() -> tuple[str, ...]:
@@ -37,53 +59,6 @@ def backend_names() -> tuple[str, ...]:
 
 class BundleError(EdgesegError, ValueError):
     """A bundle that cannot be read or used; the message names the file and the fix."""
-
-
-# -- atomic file helpers ---------------------------------------------------------------------
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, or of every file in a folder (sorted relative paths + contents)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode())
-        with open(f, "rb") as fh:
-            while block := fh.read(chunk):
-                h.update(block)
-    return h.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside `dest`; on success move it into place, on error remove it.
-
-    Works for files and folders (e.g. an .mlpackage): a half-built artifact never appears at `dest`.
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    tmp = tmpdir / (dest.name + suffix)
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise BundleError(f"nothing was written for {dest}")
-        if dest.is_dir() and not dest.is_symlink():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-
-
-def write_text_atomic(dest: str | os.PathLike, text: str) -> None:
-    with atomic_path(dest) as tmp:
-        tmp.write_text(text)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
 
 
 # -- manifest --------------------------------------------------------------------------------
@@ -136,7 +111,7 @@ class Manifest:
         if not self.labels:
             raise BundleError("a manifest needs at least one label")
         if len(self.palette) != len(self.labels):
-            raise BundleError(f"palette has {len(self.palette)} colours for {len(self.labels)} labels")
+            raise BundleError(f"palette has {len(self.palette)} colours for {len(self.labels)} labels; give one [R, G, B] per label")
         if self.output_kind not in OUTPUT_KINDS:
             raise BundleError(f"output_kind must be one of {OUTPUT_KINDS}, got {self.output_kind!r}")
         if self.task not in TASKS:
@@ -156,6 +131,10 @@ class Manifest:
             self.instances = layout.to_dict()
         elif self.instances is not None:
             raise BundleError("only instance-segmentation bundles have an 'instances' layout")
+        mismatch = _shape_mismatch(self.input_shape, self.preprocess.input_shape)
+        if mismatch:
+            raise BundleError(f"input_shape {self.input_shape} does not fit preprocess (size {list(self.preprocess.size)}, "
+                              f"layout {self.preprocess.layout}: {list(self.preprocess.input_shape)}): {mismatch}")
         if not self.edgeseg_version:
             from edgeseg import __version__
 
@@ -173,18 +152,10 @@ class Manifest:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "manifest") -> "Manifest":
-        if not isinstance(d, dict):
-            raise BundleError(f"{where}: expected a JSON object, got {type(d).__name__}")
-        version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise BundleError(
-                f"{where}: schema_version {version!r} is not supported by this edgeseg (expects {SCHEMA_VERSION}); "
-                "re-create the bundle with `edgeseg convert` or upgrade edgeseg"
-            )
-        for key in ("labels", "palette", "preprocess"):
-            if key not in d:
-                raise BundleError(f"{where}: missing required field {key!r}; re-create the bundle with `edgeseg convert`")
+    def from_dict(cls, d: Any, where: str = "manifest") -> "Manifest":
+        """A Manifest from parsed JSON, validated against the schema first (BundleError naming
+        the field, the value and the fix)."""
+        check_manifest_data(d, where)
         d = dict(d)
         try:
             d["preprocess"] = Preprocess.from_dict(d["preprocess"])
@@ -192,43 +163,136 @@ class Manifest:
             known = set(cls.__dataclass_fields__)
             return cls(**{k: v for k, v in d.items() if k in known})
         except BundleError as e:
-            raise BundleError(f"{where}: {e}") from None
+            raise BundleError(f"{where}: {e}; {FIX}") from None
         except (TypeError, ValueError) as e:
-            raise BundleError(f"{where}: invalid field: {e}") from None
+            raise BundleError(f"{where}: invalid field: {e}; {FIX}") from None
 
 
+def _shape_mismatch(shape: list, expected: tuple) -> str | None:
+    """Why a manifest shape (ints, or names for dynamic axes) cannot be `expected`, or None.
+    The batch axis and named axes match anything; an empty shape is not stated."""
+    if not shape:
+        return None
+    if len(shape) != len(expected):
+        return f"{len(shape)} dimensions instead of {len(expected)}"
+    for axis, (got, want) in enumerate(zip(shape, expected)):
+        if axis and isinstance(got, int) and got != want:
+            return f"dimension {axis} is {got}, preprocessing makes {want}"
+    return None
+
+
+def check_manifest_data(d: Any, where: str = "manifest") -> None:
+    """Raise BundleError unless `d` (parsed JSON) is a manifest this edgeseg reads: bounded nesting,
+    finite numbers only, the supported schema_version, and valid against the published schema."""
+    if not isinstance(d, dict):
+        raise BundleError(f"{where}: expected a JSON object, got {type(d).__name__}; {FIX}")
+    for parts, value in schema.walk(d):
+        if len(parts) > MAX_DEPTH:
+            raise BundleError(f"{where}: {schema.json_path(parts[:MAX_DEPTH])}...: nested deeper than {MAX_DEPTH} levels; {FIX}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BundleError(f"{where}: {schema.json_path(parts)} = {value}: JSON has no NaN or Infinity (Swift's and C++'s "
+                              f"parsers refuse them); write null or a finite number, or {FIX}")
+    version = d.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"{where}: schema_version {version!r} is not supported by this edgeseg (expects {SCHEMA_VERSION}); "
+            "re-create the bundle with `edgeseg convert` or upgrade edgeseg"
+        )
+    found = schema.problems(d)
+    if found:
+        more = f" (and {len(found) - 1} more problem{'s' if len(found) > 2 else ''})" if len(found) > 1 else ""
+        raise BundleError(f"{where}: {found[0]}{more}; {FIX}")
+    labels, palette = d["labels"], d["palette"]
+    if len(palette) != len(labels):
+        raise BundleError(f"{where}: $.palette has {len(palette)} colours for {len(labels)} labels; give one [R, G, B] per label; {FIX}")
+
+
+def _json_ready(x):
+    """Non-finite floats (a parity ratio over zero ...) become null: a manifest is strict JSON."""
+    if isinstance(x, dict):
+        return {k: _json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_ready(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+# -- bundles ---------------------------------------------------------------------------------
 class Bundle:
-    """A bundle folder. `Bundle.load(path)` validates; `Bundle.create(...)` starts a new one."""
+    """A bundle folder. `Bundle.load(path)` validates; `Bundle.create(...)` starts a new one;
+    `with Bundle.writing(path) as b:` changes one under its lock."""
 
     def __init__(self, path: str | os.PathLike, manifest: Manifest):
         self.path = Path(path)
         self.manifest = manifest
+        self._verified: dict[str, tuple] = {}  # artifact path -> stat of the file whose checksum matched
 
     # -- reading ---------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike, verify: bool = True) -> "Bundle":
+        """Read and validate a bundle. verify: also check that every artifact is present, inside
+        the folder and a plain file or folder (checksums are checked when an artifact is opened)."""
         path = Path(path)
-        if path.is_file() and path.name == MANIFEST:
+        if path.name == MANIFEST and not path.is_dir():
             path = path.parent
         mpath = path / MANIFEST
         if not path.exists():
             raise BundleError(f"bundle not found: {path}; create one with `edgeseg convert MODEL --out {path}`")
-        if not mpath.is_file():
+        if not path.is_dir():
+            raise BundleError(f"{path} is not a bundle folder; pass the folder `edgeseg convert` wrote")
+        if not os.path.lexists(mpath):
             raise BundleError(f"{path} is not a bundle: no {MANIFEST} inside; create one with `edgeseg convert`")
         try:
-            data = json.loads(mpath.read_text())
+            contained(path, MANIFEST, "the manifest")
+            raw = read_bounded(mpath, MAX_MANIFEST_BYTES, "the manifest")
+        except UnsafePathError as e:
+            raise BundleError(f"{path}: {e}") from None
+        try:
+            data = json.loads(raw.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BundleError(f"{mpath} is not valid JSON ({e}); the bundle is damaged, re-create it with `edgeseg convert`") from None
+        except RecursionError:
+            raise BundleError(f"{mpath} is nested too deeply to be a manifest; re-create it with `edgeseg convert`") from None
         bundle = cls(path, Manifest.from_dict(data, where=str(mpath)))
         if verify:
             for art in bundle.manifest.artifacts:
-                p = bundle.path / art.path
-                if not p.exists():
-                    raise BundleError(f"{mpath}: artifact {art.path} is listed but missing from the bundle")
+                bundle._locate(art)
         return bundle
 
+    def _locate(self, art: Artifact) -> tuple[Path, os.stat_result]:
+        """The artifact's path, checked to be inside the bundle and a plain file or folder."""
+        what = f"artifact {art.path!r}"
+        try:
+            p = contained(self.path, art.path, "artifact")
+            return p, check_tree(p, what)
+        except UnsafePathError as e:
+            raise BundleError(f"{self.path / MANIFEST}: {e}") from None
+
     def artifact_path(self, art: Artifact) -> Path:
-        return self.path / art.path
+        """The artifact's file, once it is known to be safe to open: inside the bundle, a plain
+        file or folder, and matching the manifest's sha256 (checked once per file version)."""
+        p, st = self._locate(art)
+        if not art.sha256:
+            raise BundleError(f"{self.path / MANIFEST}: artifact {art.path!r} has no sha256, so it cannot be checked; "
+                              "re-create it with `edgeseg convert` / `edgeseg build`")
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if not p.is_dir() else None
+        if key is None or self._verified.get(art.path) != key:
+            try:
+                digest = sha256_file(p)
+            except UnsafePathError as e:
+                raise BundleError(f"{self.path / MANIFEST}: artifact {art.path!r}: {e}") from None
+            if digest != art.sha256:
+                raise BundleError(
+                    f"{p} does not match the checksum in the manifest; "
+                    "the file was changed or damaged: re-create it with `edgeseg convert`/`edgeseg build`"
+                )
+            if key is not None:
+                self._verified[art.path] = key
+        return p
+
+    def verify_artifact(self, art: Artifact) -> None:
+        self.artifact_path(art)
 
     def find(self, backend: str | None = None, precision: str | None = None, target: str | None = None) -> list[Artifact]:
         return [
@@ -256,13 +320,6 @@ class Bundle:
         return sorted(found, key=lambda a: (order.index(a.precision) if a.precision in order else len(order),
                                             a.target not in (None, preferred)))[0]
 
-    def verify_artifact(self, art: Artifact) -> None:
-        if art.sha256 and sha256_file(self.artifact_path(art)) != art.sha256:
-            raise BundleError(
-                f"{self.artifact_path(art)} does not match the checksum in the manifest; "
-                "the file was changed or damaged: re-create it with `edgeseg convert`/`edgeseg build`"
-            )
-
     # -- writing ---------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike, manifest: Manifest) -> "Bundle":
@@ -270,11 +327,36 @@ class Bundle:
         b.path.mkdir(parents=True, exist_ok=True)
         return b
 
+    @classmethod
+    @contextlib.contextmanager
+    def writing(cls, path: str | os.PathLike, timeout: float | None = None) -> Iterator["Bundle"]:
+        """Change a bundle under its exclusive lock:
+
+            with Bundle.writing("bundle") as b:     # b: the manifest as it is now on disk
+                with atomic_path(b.path / "model.xml") as tmp: ...
+                b.add_artifact(Artifact("model.xml", "openvino", "int8"))
+                b.save()
+
+        The manifest is re-read once the lock is held, so what another writer added meanwhile is
+        kept. A second writer waits (saying so) up to `timeout` seconds, then fails clearly."""
+        with write_lock(path, timeout):
+            yield cls.load(path)
+
+    def staging_dir(self, tag: str) -> Path:
+        """A temporary folder inside the bundle for work that is moved in at the end (removed by
+        the next write if this process dies first)."""
+        clean_stale_temps(self.path)
+        return make_temp_dir(self.path, tag)
+
     def add_artifact(self, art: Artifact, replace: bool = True) -> Artifact:
         """Record an artifact whose file is already in place; its checksum is computed here."""
-        p = self.artifact_path(art)
+        p = self.path / art.path
+        why = relative_path_problem(art.path)
+        if why:
+            raise BundleError(f"cannot add artifact {art.path!r}: {why}")
         if not p.exists():
             raise BundleError(f"cannot add artifact {art.path}: {p} does not exist")
+        p, _ = self._locate(art)
         art.sha256 = sha256_file(p)
         if replace:
             self.manifest.artifacts = [a for a in self.manifest.artifacts if a.path != art.path]
@@ -282,11 +364,58 @@ class Bundle:
         return art
 
     def save(self) -> None:
-        write_text_atomic(self.path / MANIFEST, json.dumps(self.manifest.to_dict(), indent=2) + "\n")
+        """Write the manifest (atomically), checked against the schema first: a writer cannot
+        produce a bundle that readers would refuse. Absolute paths of this machine (a checkpoint,
+        calibration frames) are cut to their names: the manifest travels."""
+        d = strip_local_paths(_json_ready(self.manifest.to_dict()), skip=("labels",))  # it travels
+        check_manifest_data(d, where=f"manifest for {self.path}")
+        write_text_atomic(self.path / MANIFEST, json.dumps(d, indent=2, allow_nan=False) + "\n")
 
     def __repr__(self) -> str:
         arts = ", ".join(f"{a.backend}/{a.precision}" for a in self.manifest.artifacts)
         return f"Bundle({str(self.path)!r}, classes={self.manifest.num_classes}, artifacts=[{arts}])"
+
+
+# -- one writer at a time --------------------------------------------------------------------
+_lock_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def write_lock(path: str | os.PathLike, timeout: float | None = None) -> Iterator[Path]:
+    """Hold the exclusive write lock of the bundle (or future bundle) at `path`, then remove stale
+    temporaries of killed writers in it and beside it. Re-entrant within a thread.
+
+    The lock file, `.<name>.edgeseg-lock`, sits beside the bundle rather than inside: converting
+    into an existing bundle replaces the whole folder, and a lock inside would go with it. The OS
+    releases it when its process dies, so a killed writer never blocks the next one."""
+    from filelock import FileLock, Timeout
+
+    real = Path(path).expanduser().absolute()
+    real = real.parent.resolve() / real.name
+    real.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = real.parent / f".{real.name}.edgeseg-lock"
+    timeout = LOCK_TIMEOUT_S if timeout is None else float(timeout)
+    with _lock_guard:  # one FileLock object per file: it counts re-entries per thread
+        lock = FileLock(str(lock_file), is_singleton=True)
+    try:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.warning("%s is being written by another edgeseg command; waiting for it to finish (up to %.0f s)", real, timeout)
+            lock.acquire(timeout=timeout)
+    except Timeout:
+        raise BundleError(f"{real} is still being written by another edgeseg command after {timeout:.0f} s "
+                          f"(lock {lock_file}); wait for it to finish and try again") from None
+    except OSError as e:
+        raise BundleError(f"cannot lock {real} for writing ({lock_file}: {e.strerror or e}); "
+                          "the folder must be writable by this user") from None
+    try:
+        clean_stale_temps(real.parent)
+        if real.is_dir():
+            clean_stale_temps(real)
+        yield real
+    finally:
+        lock.release()
 
 
 def default_palette(n: int) -> list[list[int]]:

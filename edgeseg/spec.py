@@ -15,12 +15,14 @@ from typing import Any
 import cv2
 import numpy as np
 
+from edgeseg import schema
 from edgeseg.errors import EdgesegError
 
-RESIZE_MODES = ("stretch", "letterbox")
-COLOR_ORDERS = ("rgb", "bgr")
-LAYOUTS = ("nchw", "nhwc")
-DTYPES = ("float32", "float16", "uint8")
+# the manifest schema defines these vocabularies (edgeseg/schema/manifest.schema.json)
+RESIZE_MODES = schema.enum("resize")
+COLOR_ORDERS = schema.enum("color")
+LAYOUTS = schema.enum("layout")
+DTYPES = schema.enum("dtype")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -72,7 +72,7 @@ def test_factory_torchscript_and_onnx_sources(tmp_path):
     ts = tmp_path / "net.torchscript"
     torch.jit.trace(net, torch.zeros(1, 3, 32, 32)).save(str(ts))
     b = convert(ts, tmp_path / "ts", input_size=(32, 32))
-    assert b.manifest.model["torchscript"] == str(ts) and b.manifest.num_classes == 3
+    assert b.manifest.model["torchscript"] == ts.name and b.manifest.num_classes == 3
     # an ONNX file re-imports with its labels and preprocessing
     b2 = convert(b.artifact_path(b.select("onnxruntime")), tmp_path / "from_onnx")
     assert b2.manifest.labels == b.manifest.labels and b2.manifest.preprocess.size == (32, 32)

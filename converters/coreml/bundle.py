@@ -9,7 +9,7 @@ import numpy as np
 from converters.coreml.conversion import CoreMLConverter, CoreMLResult
 from converters.coreml.errors import CoreMLConversionError
 from converters.coreml.schemes import COMPUTE_UNITS, INPUT_NAME, OUTPUTS, check_target, scheme_for
-from edgeseg.bundle import Artifact, Bundle, BundleError, Manifest, MANIFEST, atomic_path
+from edgeseg.bundle import Artifact, Bundle, BundleError, Manifest, MANIFEST, atomic_path, write_lock
 from edgeseg.errors import ConversionError, option
 from edgeseg.spec import Preprocess
 
@@ -91,7 +91,7 @@ def convert_to_bundle(source, out: str | os.PathLike, *, precision: str = "fp16"
             model={"name": getattr(source, "name", ""), "source_sha256": getattr(source, "sha256", ""), **info},
         )
         # a new bundle appears whole or not at all
-        with atomic_path(out) as tmp:
+        with write_lock(out), atomic_path(out) as tmp:
             tmp.mkdir()
             res = conv.save(precision, tmp / rel)
             bundle = Bundle.create(tmp, manifest)
@@ -99,8 +99,9 @@ def convert_to_bundle(source, out: str | os.PathLike, *, precision: str = "fp16"
             bundle.save()
         return Bundle.load(out)
     res = conv.save(precision, out / rel)  # atomic on its own
-    bundle.add_artifact(_artifact(res, rel, compute_units))
-    bundle.save()
+    with Bundle.writing(out) as bundle:  # what other writers added meanwhile stays
+        bundle.add_artifact(_artifact(res, rel, compute_units))
+        bundle.save()
     return Bundle.load(out)
 
 

@@ -26,8 +26,19 @@ FP16_GRAPH = "model.fp16.onnx"
 def prepare_fp16(bundle: Bundle | str | os.PathLike, keep_float32_ops: Iterable[str] = DEFAULT_FP32_OPS,
                  frames: int = 4, save: bool = True) -> Artifact:
     """Add `model.fp16.onnx` (float16 graph, float32 I/O) to a bundle with its parity against FP32 in
-    ONNX Runtime. TensorRT 11 builds FP16 engines from this graph."""
-    bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
+    ONNX Runtime. TensorRT 11 builds FP16 engines from this graph. save: under the bundle's write
+    lock, into the manifest as it is on disk (a Bundle passed in gets that manifest)."""
+    if not save:
+        return _add_fp16(bundle if isinstance(bundle, Bundle) else Bundle.load(bundle), keep_float32_ops, frames)
+    with Bundle.writing(bundle.path if isinstance(bundle, Bundle) else bundle) as current:
+        art = _add_fp16(current, keep_float32_ops, frames)
+        current.save()
+    if isinstance(bundle, Bundle):
+        bundle.manifest = current.manifest
+    return art
+
+
+def _add_fp16(bundle: Bundle, keep_float32_ops: Iterable[str], frames: int) -> Artifact:
     src = fp32_artifact(bundle)
     dst = bundle.path / FP16_GRAPH
     to_fp16_onnx(bundle.artifact_path(src), dst, keep_float32_ops=keep_float32_ops)
@@ -36,10 +47,7 @@ def prepare_fp16(bundle: Bundle | str | os.PathLike, keep_float32_ops: Iterable[
     log.info("float16 graph parity vs float32 (ONNX Runtime): %s", parity)
     art = Artifact(FP16_GRAPH, "onnxruntime", "fp16", parity=parity,
                    info={"source": src.path, "float32_ops": sorted(keep_float32_ops), "io": "float32"})
-    bundle.add_artifact(art)
-    if save:
-        bundle.save()
-    return art
+    return bundle.add_artifact(art)
 
 
 add_fp16_artifact = prepare_fp16  # the name edgeseg.api uses
@@ -159,6 +167,7 @@ def build_bundle_engine(bundle_path: str | os.PathLike | Bundle, precision: str 
         log.info("engine parity vs FP32 ONNX: %s", parity)
     art = Artifact(name, "tensorrt", precision, parity=parity, target=header.key,
                    info={**header.to_dict(), "source": source.name})
-    bundle.add_artifact(art)
-    bundle.save()
+    with Bundle.writing(bundle.path) as current:  # what other writers added meanwhile stays
+        current.add_artifact(art)
+        current.save()
     return art
