@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from edgeseg.errors import EdgesegError
+from edgeseg.files import clean_stale_temps, temp_prefix
 
 log = logging.getLogger("edgeseg.runtime")
 
@@ -153,8 +154,9 @@ class _AvWriter:
 
 
 class VideoSink(Sink):
-    """A video file written into `.<name>.partial-<pid><ext>` beside the target and renamed to the
-    target on close: a half-written file never appears under the final name. Opens on the first
+    """A video file written into a temporary (`.edgeseg-tmp-<pid>-...<ext>`) beside the target and
+    renamed to the target on close: a half-written file never appears under the final name, and one
+    left by a killed run is removed by the next run writing there. Opens on the first
     frame (the size is known then); later frames of another size are resized to it. H.264 through
     PyAV for .mp4/.m4v/.mov/.mkv (odd sizes lose their last row or column: yuv420p needs even
     ones), else cv2.VideoWriter with `fourcc` (default by extension, VIDEO_CODECS)."""
@@ -177,7 +179,8 @@ class VideoSink(Sink):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_dir():
             raise SinkError(f"cannot write {path}: it is a folder; name a file such as {self.path / 'overlay.mp4'}")
-        self.tmp = self.path.with_name(f".{self.path.stem}.partial-{os.getpid()}-{id(self):x}{self.path.suffix}")
+        clean_stale_temps(self.path.parent)
+        self.tmp = self.path.with_name(f"{temp_prefix(self.path.stem)}-{id(self):x}{self.path.suffix}")
         self._writer = None
         self._size: tuple[int, int] | None = None
         self.frames = 0
@@ -237,7 +240,7 @@ def _write_image_atomic(path: Path, image: np.ndarray) -> None:
     ok, data = cv2.imencode(path.suffix, image)
     if not ok:
         raise SinkError(f"cannot encode {path.suffix} images; use .jpg or .png")
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp = path.with_name(f"{temp_prefix()}{path.name}")
     tmp.write_bytes(data.tobytes())
     os.replace(tmp, path)
 
@@ -263,6 +266,7 @@ class ImageFolderSink(Sink):
                 raise SinkError(f"image folders take {IMAGE_SUFFIXES}, got {ext!r}")
             self.folder, self.pattern = Path(target), "%06d" + ext
         self.folder.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(self.folder)
         self.index = int(start)
 
     def _name(self, result) -> str:
@@ -287,6 +291,7 @@ class ImageFileSink(Sink):
         self.path = Path(path)
         self.uri = str(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(self.path.parent)
 
     def write(self, image, result=None) -> None:
         _write_image_atomic(self.path, image)
