@@ -133,20 +133,26 @@ def test_schema_is_valid_and_python_vocabularies_come_from_it():
 
     from edgeseg import bundle, spec
     from edgeseg.api import COREML_PRECISIONS, ONNX_PRECISIONS
-    from edgeseg.commands import run as run_command
+    from edgeseg import instance_layout
     from edgeseg.schema import load_schema
+    from runtime.engines.registry import backend_choices, backend_names
 
     s = load_schema()
     validator_for(s).check_schema(s)
     defs = s["$defs"]
-    assert bundle.BACKENDS == tuple(defs["backend"]["enum"]) == ("onnxruntime", "tensorrt", "coreml", "openvino", "litert")
+    assert bundle.BACKENDS == tuple(defs["backend"]["enum"])
+    # the engine registry and the schema name the same backends
+    assert set(bundle.BACKENDS) == set(backend_names()) == {"onnxruntime", "tensorrt", "coreml", "openvino", "litert"}
     assert bundle.OUTPUT_KINDS == ("logits", "probs", "mask", "instances")
     assert bundle.TASKS == ("semantic-segmentation", "instance-segmentation")
     assert (spec.LAYOUTS, spec.DTYPES, spec.RESIZE_MODES, spec.COLOR_ORDERS) == (
         tuple(defs["layout"]["enum"]), tuple(defs["dtype"]["enum"]), tuple(defs["resize"]["enum"]), tuple(defs["color"]["enum"]))
     assert set(ONNX_PRECISIONS) | set(COREML_PRECISIONS) <= set(bundle.PRECISIONS)
-    # every backend the runtime offers is one a manifest may name
-    assert set(run_command.BACKENDS) - {"auto"} <= set(bundle.BACKENDS)
+    assert set(backend_choices()) - {"auto"} <= set(bundle.BACKENDS)
+    layout = defs["instances"]["properties"]
+    assert tuple(layout["layout"]["enum"]) == instance_layout.LAYOUTS
+    assert (layout["num_classes"]["maximum"], layout["num_masks"]["maximum"], layout["max_detections"]["maximum"]) == (
+        instance_layout.MAX_CLASSES, instance_layout.MAX_MASKS, instance_layout.MAX_DETECTIONS)
 
 
 def test_schema_ships_with_the_package():
