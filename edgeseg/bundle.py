@@ -198,7 +198,7 @@ def check_manifest_data(d: Any, where: str = "manifest") -> None:
             f"{where}: schema_version {version!r} is not supported by this edgeseg (expects {SCHEMA_VERSION}); "
             "re-create the bundle with `edgeseg convert` or upgrade edgeseg"
         )
-    found = schema.problems(d)
+    found = schema.problems(d, backends=backend_names())
     if found:
         more = f" (and {len(found) - 1} more problem{'s' if len(found) > 2 else ''})" if len(found) > 1 else ""
         raise BundleError(f"{where}: {found[0]}{more}; {FIX}")
