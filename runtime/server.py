@@ -1,12 +1,25 @@
 """The browser view: a small threaded HTTP server (stdlib only).
 
     GET /             a page with the live overlay and the live per-stage timings
+    GET /app.js       its script; GET /app.css its style (no inline script: see CSP below)
     GET /stream.mjpg  the overlay as an MJPEG stream (multipart/x-mixed-replace)
     GET /frame.jpg    the latest frame as one JPEG
     GET /stats.json   the latest timings (runtime.stats.Stats.summary())
 
-Binds to 127.0.0.1 unless told otherwise: the view shows camera frames, and exposing it on the
-network is a decision the user makes with an explicit host (`--serve 0.0.0.0:8080`).
+The page is a camera, so every request is checked before it is answered:
+- Host: only the names this server is reached by (for a loopback bind: localhost, 127.0.0.1,
+  [::1]); anything else gets 403, so a page from another site cannot read frames through DNS
+  rebinding.
+- Access token: required when bound to a non-loopback address (generated and printed with the
+  URL, like Jupyter's, or given with `--serve-token`), on every request: `?token=` once (the page
+  then keeps it in a cookie), compared in constant time.
+- Every response says nosniff, no framing, no referrer, no caching; the Content-Security-Policy
+  allows this server's own script, style, images and JSON only. Text from a manifest (the model
+  name in the title) is HTML-escaped; the script writes values with textContent, never as HTML.
+  `Server` names edgeseg, not the Python version.
+
+Binds to 127.0.0.1 unless told otherwise: exposing the view on the network is a decision the user
+makes with an explicit host (`--serve 0.0.0.0:8080`).
 
 Publishing is cheap for the pipeline: `publish()` only stores a reference to the newest frame;
 JPEG encoding happens once per frame, on demand, in the first client thread that wants it, and
@@ -14,12 +27,18 @@ not at all while nobody watches.
 """
 from __future__ import annotations
 
+import hmac
+import html
+import ipaddress
 import json
 import logging
+import re
+import secrets
 import socket
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 import cv2
 import numpy as np
@@ -33,13 +52,8 @@ BOUNDARY = "edgesegframe"
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>__TITLE__</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
- body{font:14px system-ui,sans-serif;margin:0;background:#111;color:#ddd;display:flex;flex-wrap:wrap;gap:16px;padding:16px}
- #view{max-width:min(100%,1280px);background:#000;border:1px solid #333}
- table{border-collapse:collapse;min-width:340px} td,th{padding:3px 8px;text-align:right;border-bottom:1px solid #333}
- td:first-child,th:first-child{text-align:left} h1{font-size:16px;margin:0 0 8px} .muted{color:#888}
- #fps b{font-size:18px;color:#fff}
-</style></head>
+<link rel="stylesheet" href="/app.css">
+</head>
 <body>
 <div><img id="view" src="/stream.mjpg" alt="live overlay"></div>
 <div>
@@ -49,8 +63,18 @@ PAGE = """<!doctype html>
  <p id="counts" class="muted">-</p>
  <p class="muted">frames shown here: <span id="frames-seen">0</span></p>
 </div>
-<script>
-"use strict";
+<script src="/app.js"></script>
+</body></html>
+"""
+
+STYLE = """body{font:14px system-ui,sans-serif;margin:0;background:#111;color:#ddd;display:flex;flex-wrap:wrap;gap:16px;padding:16px}
+#view{max-width:min(100%,1280px);background:#000;border:1px solid #333}
+table{border-collapse:collapse;min-width:340px} td,th{padding:3px 8px;text-align:right;border-bottom:1px solid #333}
+td:first-child,th:first-child{text-align:left} h1{font-size:16px;margin:0 0 8px} .muted{color:#888}
+#fps b{font-size:18px;color:#fff}
+"""
+
+SCRIPT = """"use strict";
 // Count the distinct frames the page actually displays (a checksum of a thumbnail of the image).
 window.edgesegFramesSeen = 0;
 const img = document.getElementById("view");
@@ -69,53 +93,161 @@ function sample() {
 }
 setInterval(sample, 100);
 const fmt = v => (v === null || v === undefined) ? "-" : Number(v).toFixed(2);
+function row(cells) {  // values become text, never markup
+  const tr = document.createElement("tr");
+  for (const c of cells) { const td = document.createElement("td"); td.textContent = c; tr.appendChild(td); }
+  return tr;
+}
 async function refresh() {
   try {
-    const s = await (await fetch("/stats.json", {cache: "no-store"})).json();
+    const s = await (await fetch("/stats.json", {cache: "no-store", credentials: "same-origin"})).json();
     window.edgesegStats = s;
-    document.getElementById("pipeline-fps").textContent = s.pipeline_fps == null ? "-" : s.pipeline_fps.toFixed(1);
-    document.getElementById("engine-fps").textContent = s.engine_fps == null ? "-" : s.engine_fps.toFixed(1);
+    document.getElementById("pipeline-fps").textContent = s.pipeline_fps == null ? "-" : Number(s.pipeline_fps).toFixed(1);
+    document.getElementById("engine-fps").textContent = s.engine_fps == null ? "-" : Number(s.engine_fps).toFixed(1);
     const rows = [];
     for (const [name, st] of Object.entries(s.stages || {})) {
-      if (st.count) rows.push(`<tr><td>${name}</td><td>${fmt(st.p50_ms)}</td><td>${fmt(st.p95_ms)}</td><td>${fmt(st.mean_ms)}</td></tr>`);
+      if (st.count) rows.push(row([name, fmt(st.p50_ms), fmt(st.p95_ms), fmt(st.mean_ms)]));
     }
-    if (s.latency && s.latency.count) rows.push(`<tr><td>latency</td><td>${fmt(s.latency.p50_ms)}</td><td>${fmt(s.latency.p95_ms)}</td><td>${fmt(s.latency.mean_ms)}</td></tr>`);
-    document.getElementById("stages").innerHTML = rows.join("");
+    if (s.latency && s.latency.count) rows.push(row(["latency", fmt(s.latency.p50_ms), fmt(s.latency.p95_ms), fmt(s.latency.mean_ms)]));
+    document.getElementById("stages").replaceChildren(...rows);
     document.getElementById("counts").textContent =
       `frames ${s.frames_out ?? 0} out / ${s.frames_in ?? 0} in, dropped ${s.dropped ?? 0}, corrupt ${s.corrupt ?? 0}`;
   } catch (e) {}
 }
 setInterval(refresh, 500); refresh();
-</script>
-</body></html>
 """
+
+# sent with every response, errors included
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+                                "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"),
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+TOKEN_RE = re.compile(r"^[A-Za-z0-9._~-]{16,256}$")
 
 
 class ServerError(EdgesegError, OSError):
-    """The browser view cannot start (port taken, bad address)."""
+    """The browser view cannot start (port taken, bad address, bad token)."""
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_token(token: str) -> str:
+    if not isinstance(token, str) or not TOKEN_RE.match(token):
+        raise ServerError("an access token (--serve-token) is 16 to 256 characters of letters, digits and ._~- "
+                          "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')")
+    return token
+
+
+class Access:
+    """Who may read the view: the Host names it answers to, and the token when there is one."""
+
+    def __init__(self, host: str, port: int, token: str | None, allowed_hosts=()):
+        self.port, self.token = int(port), token
+        self.any_ip = host in ("", "0.0.0.0", "::")
+        names = {host.lower()} | {h.lower() for h in allowed_hosts}
+        if is_loopback(host) or self.any_ip:
+            names |= set(LOOPBACK_NAMES)
+        if not is_loopback(host):  # reached over the network: by this machine's names too
+            hostname = socket.gethostname().lower()
+            names |= {hostname, socket.getfqdn().lower(), f"{hostname}.local"}
+        self.names = frozenset(n for n in names if n)
+        self.cookie = f"edgeseg_token_{self.port}"
+
+    def host_problem(self, header: str | None) -> str | None:
+        """Why a request with this Host header is refused, or None."""
+        if not header:
+            return "a Host header is required"
+        m = re.match(r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(?::(\d{1,5}))?$", header.strip())
+        if not m:
+            return "the Host header is malformed"
+        name, port = m.group(1).strip("[]").lower().rstrip("."), m.group(2)
+        if port is not None and int(port) != self.port:
+            return f"port {port} is not this server's ({self.port})"
+        if name in self.names:
+            return None
+        if self.any_ip:
+            try:
+                ipaddress.ip_address(name)
+                return None
+            except ValueError:
+                pass
+        return f"this view answers to {', '.join(sorted(self.names))}{' or an IP address' if self.any_ip else ''}"
+
+    def token_ok(self, query: str, cookie_header: str | None) -> tuple[bool, bool]:
+        """(allowed, came in the query): the token from `?token=` or this server's cookie."""
+        if self.token is None:
+            return True, False
+        given = parse_qs(query).get("token", [])
+        if given:
+            return hmac.compare_digest(given[-1].encode(), self.token.encode()), True
+        for part in (cookie_header or "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == self.cookie:
+                return hmac.compare_digest(value.encode(), self.token.encode()), False
+        return False, False
 
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "edgeseg"
     timeout = 10  # a stalled client cannot hold a thread forever
 
+    def version_string(self) -> str:
+        return self.server_version  # no Python version
+
     def log_message(self, fmt, *args):
         log.debug("http %s " + fmt, self.client_address[0], *args)
 
-    def _send(self, status, body: bytes, ctype: str) -> None:
+    def end_headers(self):
+        for k, v in SECURITY_HEADERS.items():
+            self.send_header(k, v)
+        super().end_headers()
+
+    def _send(self, status, body: bytes, ctype: str, headers: dict | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
         self.end_headers()
         self.wfile.write(body)
 
+    def _refuse(self, why: str) -> None:
+        self._send(HTTPStatus.FORBIDDEN, f"403 forbidden: {why}\n".encode(), "text/plain; charset=utf-8")
+
     def do_GET(self):
         fs: FrameServer = self.server.frame_server
-        path = self.path.split("?", 1)[0]
+        parts = urlsplit(self.path)
+        path = parts.path
         try:
+            why = fs.access.host_problem(self.headers.get("Host"))
+            if why:
+                log.warning("browser view: refused a request for Host %r (%s)", (self.headers.get("Host") or "")[:100], why)
+                return self._refuse(why)
+            ok, from_query = fs.access.token_ok(parts.query, self.headers.get("Cookie"))
+            if not ok:
+                return self._refuse("this view needs its access token: open the URL edgeseg printed (...?token=...)")
+            if from_query:  # keep it in a cookie, and out of the address bar and history
+                cookie = {"Set-Cookie": f"{fs.access.cookie}={fs.access.token}; HttpOnly; SameSite=Strict; Path=/"}
+                if path in ("/", "/index.html"):
+                    return self._send(HTTPStatus.SEE_OTHER, b"", "text/plain", {**cookie, "Location": "/"})
             if path in ("/", "/index.html"):
                 self._send(HTTPStatus.OK, fs.page.encode(), "text/html; charset=utf-8")
+            elif path == "/app.js":
+                self._send(HTTPStatus.OK, SCRIPT.encode(), "text/javascript; charset=utf-8")
+            elif path == "/app.css":
+                self._send(HTTPStatus.OK, STYLE.encode(), "text/css; charset=utf-8")
             elif path == "/stats.json":
                 self._send(HTTPStatus.OK, json.dumps(fs.stats).encode(), "application/json")
             elif path == "/frame.jpg":
@@ -134,7 +266,6 @@ class _Handler(BaseHTTPRequestHandler):
     def _stream(self, fs: "FrameServer") -> None:
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={BOUNDARY}")
-        self.send_header("Cache-Control", "no-store")
         self.send_header("Pragma", "no-cache")
         self.send_header("Connection", "close")
         self.end_headers()
@@ -166,9 +297,18 @@ class _HTTPServer6(_HTTPServer):
 class FrameServer:
     """MJPEG + stats server. `start()`, then `publish(image)` / `publish_stats(dict)`, `close()`."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 8080, quality: int = 80, title: str = "edgeseg live view"):
+    def __init__(self, host: str = "127.0.0.1", port: int = 8080, quality: int = 80, title: str = "edgeseg live view",
+                 token: str | None = None, allowed_hosts=()):
+        """token: the access token (required, and generated when not given, for a non-loopback
+        host). allowed_hosts: more Host names the view answers to (a DNS name, a reverse proxy)."""
         self.host, self.port, self.quality = host, int(port), int(quality)
-        self.page = PAGE.replace("__TITLE__", title)
+        self.page = PAGE.replace("__TITLE__", html.escape(str(title), quote=True))
+        if token is not None:
+            check_token(token)
+        elif not is_loopback(host):
+            token = secrets.token_urlsafe(24)
+        self.token, self.allowed_hosts = token, tuple(allowed_hosts)
+        self.access: Access | None = None
         self.stats: dict = {}
         self.closing = False
         self._cond = threading.Condition()
@@ -190,18 +330,22 @@ class FrameServer:
                               "or stop the program using it") from None
         self._httpd.frame_server = self
         self.port = self._httpd.server_address[1]
+        self.access = Access(self.host, self.port, self.token, self.allowed_hosts)
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="edgeseg-server", daemon=True)
         self._thread.start()
         log.info("browser view on %s", self.url)
-        if self.host not in ("127.0.0.1", "localhost", "::1") and not self.host.startswith("127."):
-            log.warning("the browser view on %s is reachable from other machines: it shows the camera", self.url)
+        if not is_loopback(self.host):
+            log.warning("the browser view on %s:%d is reachable from other machines (it shows the camera); "
+                        "it answers only with its access token", self.host, self.port)
         return self
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/"
+        """The address to open (with the token, when there is one)."""
+        host = self.host if self.host not in ("", "0.0.0.0", "::") else socket.gethostname()
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}/" + (f"?token={self.token}" if self.token else "")
 
     def close(self) -> None:
         if self._httpd is None:

@@ -77,7 +77,7 @@ def test_mjpeg_stream_delivers_successive_frames_and_shutdown_is_clean_with_a_cl
     t.start()
     try:
         s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
-        s.sendall(b"GET /stream.mjpg HTTP/1.0\r\n\r\n")
+        s.sendall(f"GET /stream.mjpg HTTP/1.0\r\nHost: 127.0.0.1:{srv.port}\r\n\r\n".encode())
         data = b""
         while data.count(b"--" + BOUNDARY.encode()) < 3:
             chunk = s.recv(65536)
