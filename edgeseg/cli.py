@@ -12,11 +12,13 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 
 from edgeseg import progress
-from edgeseg.errors import USER_ERRORS, use_flags
+from edgeseg.errors import USER_ERRORS, Terminated, interrupt_status, use_flags
 
 COMMANDS = {
     "demo": "convert the default model and stream a synthetic clip through the runtime",
@@ -70,13 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_console(verbose=args.verbose, quiet=args.quiet or getattr(args, "json", None) is True)
     use_flags(True)  # messages name --flags, not the Python keywords behind them
+    previous = _on_sigterm()
     try:
         status = int(module.run(args) or 0)
         sys.stdout.flush()  # inside the try: a reader that left shows here, not at interpreter exit
         return status
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
+        return interrupt_status(e)
     except BrokenPipeError:
         # the reader went away (`edgeseg inspect b | head`): stop quietly, as a C tool killed by SIGPIPE
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -89,6 +92,20 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         use_flags(False)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm():
+    """Handle SIGTERM like Ctrl-C (see errors.Terminated); a second one kills at once. Returns the
+    handler it replaced (None off the main thread, where Python cannot set one)."""
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, terminate)
 
 
 OUR_PACKAGES = ("edgeseg", "converters", "calibration", "runtime")

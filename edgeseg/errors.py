@@ -19,6 +19,16 @@ class ConversionError(EdgesegError, RuntimeError):
     """A model that cannot be loaded, exported or converted."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by the CLI's handler: it unwinds like Ctrl-C (outputs
+    finalised, stats written, temporaries removed), and the command exits with 143."""
+
+
+def interrupt_status(e: BaseException) -> int:
+    """The exit status of an interrupted command: 143 after SIGTERM, 130 after Ctrl-C."""
+    return 143 if isinstance(e, Terminated) else 130
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (EdgesegError, FileNotFoundError)
 
 

@@ -32,6 +32,21 @@ class FrameError(EdgesegError, ValueError):
     """A frame that is not an HxWx3 uint8 BGR image."""
 
 
+MAX_FRAME_PIXELS = 64_000_000  # 64 megapixels: a frame past this is a mistake or a decompression bomb
+MIN_FRAME_SIDE = 2  # a frame needs 2 pixels a side to be resized
+
+
+def frame_size_problem(height: int, width: int, max_pixels: int | None = MAX_FRAME_PIXELS,
+                       min_side: int = MIN_FRAME_SIDE) -> str | None:
+    """Why a height x width frame is refused (too small or too large), or None."""
+    if min(height, width) < min_side:
+        return f"{width}x{height} pixels is too small (at least {min_side} a side)"
+    if max_pixels and height * width > max_pixels:
+        return (f"{width}x{height} = {height * width:,} pixels is too large (at most {max_pixels:,}); "
+                "resize it first, or raise the limit (max_pixels=, --max-megapixels)")
+    return None
+
+
 def check_frame(frame: Any) -> np.ndarray:
     """Return `frame` if it is an HxWx3 uint8 array, else raise a FrameError that says what to pass."""
     if not isinstance(frame, np.ndarray):
@@ -55,7 +70,7 @@ def check_frame(frame: Any) -> np.ndarray:
             f"expected uint8 pixels (0..255), got {frame.dtype}; "
             "scale float images with (img * 255).clip(0, 255).astype(np.uint8)"
         )
-    if frame.shape[0] < 2 or frame.shape[1] < 2:
+    if frame.shape[0] < MIN_FRAME_SIDE or frame.shape[1] < MIN_FRAME_SIDE:
         raise FrameError(f"frame too small: {frame.shape}")
     return frame
 
@@ -239,4 +254,5 @@ def unletterbox(array_hw: np.ndarray, pre: Preprocess, frame_hw: tuple[int, int]
     return cv2.resize(crop, (w, h), interpolation=interpolation)
 
 
-__all__ = ["Preprocess", "Letterbox", "FrameError", "check_frame", "check_nv12", "unletterbox", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["Preprocess", "Letterbox", "FrameError", "check_frame", "check_nv12", "frame_size_problem", "MAX_FRAME_PIXELS",
+           "MIN_FRAME_SIDE", "unletterbox", "IMAGENET_MEAN", "IMAGENET_STD"]

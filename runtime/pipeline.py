@@ -231,6 +231,7 @@ class Pipeline:
                 if t.is_alive():
                     log.warning("thread %s did not stop within %.1f s", t.name, self.join_timeout)
         self._sync_source_counters()
+        self.stats.info["source"] = self.source.describe()  # as it ended (a video cut short says so)
 
     def _sync_source_counters(self) -> None:
         self.stats.set_counter("corrupt", getattr(self.source, "corrupt", 0))

@@ -17,7 +17,9 @@ shared with conversion and calibration, and the reference the CUDA kernel is tes
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -27,7 +29,7 @@ import numpy as np
 
 from edgeseg.bundle import Bundle
 from edgeseg.errors import EdgesegError
-from edgeseg.spec import FrameError, check_frame, check_nv12
+from edgeseg.spec import MAX_FRAME_PIXELS, FrameError, check_frame, check_nv12, frame_size_problem
 from runtime.engines.base import open_engine, resolve_backend
 from runtime.pipeline import STAGE_NICE, Pipeline, Work, check_stage_nice
 from runtime.postprocess import Postprocessor, SegmentationResult
@@ -117,6 +119,8 @@ class Segmenter:
     around `engine.infer`. `.frame_path` says which path runs and why.
     """
 
+    max_pixels: int | None = MAX_FRAME_PIXELS  # segment() refuses larger frames (streams skip them: open_source)
+
     def __init__(self, bundle, backend: str = "auto", precision: str | None = None, smoothing: float = 0.0,
                  keep=None, ignore=None, threshold: float | None = None, scores: bool = False, fill: int | None = None,
                  engine=None, backend_reason: str | None = None, gpu_frames: bool = True, **engine_options):
@@ -147,6 +151,12 @@ class Segmenter:
         self.stats = Stats()
         self._stats_info(self.stats)
         self._index = 0
+        # segment() from several threads: the frame index under a lock; engines that do not say
+        # they are thread-safe (ONNX Runtime's run is) one call at a time; smoothing carries state
+        # from one call to the next, so with it on a concurrent call is refused
+        self._index_lock = threading.Lock()
+        self._engine_lock = contextlib.nullcontext() if getattr(self.engine, "thread_safe", False) else threading.Lock()
+        self._busy = threading.Lock()
 
     def _open_gpu_path(self, wanted: bool):
         """(the GPU frame path or None, which path runs and why)."""
@@ -180,21 +190,44 @@ class Segmenter:
     # -- one frame --------------------------------------------------------------------------
     def segment(self, frame: np.ndarray, pixel_format: str = "bgr") -> SegmentationResult:
         """Segment one BGR uint8 frame (HxWx3), or an NV12 one ((H * 3 / 2, W) uint8, as hardware
-        decoders and CSI cameras give: pixel_format="nv12"). Smoothing, when on, carries over between calls."""
+        decoders and CSI cameras give: pixel_format="nv12").
+
+        Thread-safe: concurrent calls each get their own result and frame index (engines that do
+        not say they are thread-safe run one call at a time). Smoothing, when on, carries over
+        between calls, so then the calls must come one at a time (from one thread, or one stream
+        each: `stream()`); a call made while another runs raises."""
         if pixel_format == "nv12" and self._gpu is None:
             frame = nv12_to_bgr(frame)
         elif pixel_format not in ("bgr", "nv12"):
             raise FrameError(f"pixel_format must be bgr or nv12, got {pixel_format!r}")
-        if self._gpu is not None:
-            return self._segment_gpu(frame, pixel_format)
+        if isinstance(frame, np.ndarray) and frame.ndim >= 2:
+            h, w = frame.shape[:2]
+            too = frame_size_problem(h * 2 // 3 if pixel_format == "nv12" else h, w, self.max_pixels)
+            if too:
+                raise FrameError(f"cannot segment this frame: {too}")
+        if self.postprocessor.smoothing and not self._busy.acquire(blocking=False):
+            raise EdgesegError("Segmenter.segment with smoothing is called from several threads at once: smoothing follows "
+                               "one sequence of frames; use one Segmenter per thread, or smoothing=0")
+        try:
+            if self._gpu is not None:
+                with self._engine_lock:  # the GPU frame path's buffers and streams: one frame at a time
+                    return self._segment_gpu(frame, pixel_format)
+            return self._segment_cpu(frame)
+        finally:
+            if self.postprocessor.smoothing:
+                self._busy.release()
+
+    def _segment_cpu(self, frame: np.ndarray) -> SegmentationResult:
         check_frame(frame)
         t0 = time.perf_counter()
-        x = self._preprocess(frame)
-        t1 = time.perf_counter()
-        out = self._infer(x)
+        with self._engine_lock:
+            x = self._preprocess(frame)
+            t1 = time.perf_counter()
+            out = self._infer(x)
         t2 = time.perf_counter()
-        result = self.postprocessor(out, frame.shape[:2], frame=frame, frame_index=self._index)
-        self._index += 1
+        with self._index_lock:
+            index, self._index = self._index, self._index + 1
+        result = self.postprocessor(out, frame.shape[:2], frame=frame, frame_index=index)
         result.timings = {"preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3, **result.timings}
         self.stats.add_timings(result.timings)
         self.stats.frame_out((time.perf_counter() - t0) * 1e3)
@@ -202,8 +235,9 @@ class Segmenter:
 
     def _segment_gpu(self, frame: np.ndarray, pixel_format: str) -> SegmentationResult:
         t0 = time.perf_counter()
-        result, _, cuda_ms, cpu_ms = self._gpu.segment(frame, self.postprocessor, self._index, pixel_format)
-        self._index += 1
+        with self._index_lock:
+            index, self._index = self._index, self._index + 1
+        result, _, cuda_ms, cpu_ms = self._gpu.segment(frame, self.postprocessor, index, pixel_format)
         result.timings = {**cpu_ms, **cuda_timings(cuda_ms)}
         self.stats.add_timings(result.timings)
         self.stats.frame_out((time.perf_counter() - t0) * 1e3)
@@ -220,12 +254,13 @@ class Segmenter:
                stats_path=None, callback: Callable[[SegmentationResult], object] | None = None,
                alpha: float = 0.5, mode: str = "blend", render: Callable[[SegmentationResult], np.ndarray] | None = None,
                legend: bool = False, sinks: list | None = None, cv2_threads: int | None = 1, queue_size: int = 2,
-               stage_nice: int = STAGE_NICE, **source_options) -> Iterator[SegmentationResult]:
+               stage_nice: int = STAGE_NICE, serve_token: str | None = None, **source_options) -> Iterator[SegmentationResult]:
         """Segment a source (URI, path, camera index or `Source`) with capture, preprocessing,
         inference and postprocessing overlapping in threads; yields results in order.
 
         show: a window (display://0). save: a video file, image folder or image path. serve:
-        "HOST:PORT" (or a port) for the browser view. stats_path: stats.json, rewritten every
+        "HOST:PORT" (or a port) for the browser view; serve_token: its access token (generated for
+        a non-loopback host when not given; runtime.server). stats_path: stats.json, rewritten every
         few seconds and at the end. callback(result) runs for each result (return False to stop).
         render(result) -> BGR image for the sinks (default: result.overlay(alpha=, mode=)).
         legend: draw the classes present, their colours and pixel shares onto it (runtime.legend).
@@ -248,7 +283,8 @@ class Segmenter:
                 _check_images_out(src, opened[-1])
             if serve:
                 host, port = parse_host_port(serve)
-                opened.append(ServerSink(host, port, title=f"edgeseg · {self.bundle.manifest.model.get('name') or self.bundle.path.name}"))
+                opened.append(ServerSink(host, port, title=f"edgeseg · {self.bundle.manifest.model.get('name') or self.bundle.path.name}",
+                                         token=serve_token))
             opened.extend(open_sink(s) for s in (sinks or []))
         except BaseException:
             for s in opened:

@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 
 from edgeseg.errors import SourceError
+from edgeseg.spec import MAX_FRAME_PIXELS, MIN_FRAME_SIDE, frame_size_problem
 
 log = logging.getLogger("edgeseg.runtime")
 
@@ -66,6 +67,9 @@ class Source:
     live: bool = False
     uri: str = ""
     frame_count: int | None = None
+    # frames smaller or larger than this are skipped and counted as corrupt (open_source(max_pixels=, min_side=))
+    max_pixels: int | None = MAX_FRAME_PIXELS
+    min_side: int = MIN_FRAME_SIDE
 
     def __init__(self):
         self.fps: float | None = None
@@ -128,6 +132,13 @@ class Source:
     def _skip_corrupt(self, why: str) -> None:
         self.corrupt += 1
         log.warning("%s: skipped a corrupt frame (%s); %d so far", self.uri, why, self.corrupt)
+
+    def _sized(self, image: np.ndarray) -> bool:
+        """False (the frame skipped and counted) when it is too small or too large to segment."""
+        why = frame_size_problem(image.shape[0], image.shape[1], self.max_pixels, self.min_side)
+        if why:
+            self._skip_corrupt(why)
+        return why is None
 
     def describe(self) -> dict:
         return {"uri": self.uri, "kind": type(self).__name__, "live": self.live, "fps": self.fps,
@@ -209,6 +220,8 @@ class CameraSource(_CaptureSource):
                 return None
             ok, image = cap.read()
             if ok and self._valid(image):
+                if not self._sized(image):
+                    continue
                 return self._frame(image)
             failures += 1
             if failures >= self.max_failures:
@@ -241,6 +254,7 @@ class VideoFileSource(_CaptureSource):
         self.fps = self.fps or 30.0
         count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT))
         self.frame_count = count if count > 0 and not self.loop else None  # FFmpeg's estimate
+        self.ended_early: dict | None = None
 
     def read(self) -> Frame | None:
         # A failed read is either the end of the file or an undecodable frame inside it; it only
@@ -254,6 +268,9 @@ class VideoFileSource(_CaptureSource):
             if ok and self._valid(image):
                 for _ in range(failed):
                     self._skip_corrupt("decode failed")
+                failed = 0
+                if not self._sized(image):
+                    continue
                 return self._frame(image)
             failed += 1
             if failed >= self.max_corrupt_run:
@@ -261,8 +278,21 @@ class VideoFileSource(_CaptureSource):
                     cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
                     failed = 0
                     continue
+                self._note_end()
                 return None
         return None
+
+    def _note_end(self) -> None:
+        """A file that ends before the frame count its container announces is reported (stats)."""
+        announced = self.frame_count
+        got = self.frames_read + self.corrupt
+        if announced and got < announced and self.ended_early is None:
+            self.ended_early = {"frames_announced": announced, "frames_decoded": got}
+            log.warning("%s ended after %d of the %d frames its container announces (truncated or damaged file)",
+                        self.uri, got, announced)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "frame_count": self.frame_count, "ended_early": self.ended_early}
 
 
 class StreamSource(_CaptureSource):
@@ -321,6 +351,8 @@ class StreamSource(_CaptureSource):
             cap = self._cap
             ok, image = cap.read() if cap is not None else (False, None)
             if ok and self._valid(image):
+                if not self._sized(image):
+                    continue
                 return self._frame(image)
             if ok:
                 self._skip_corrupt("undecodable frame")
@@ -399,6 +431,8 @@ class CSISource(_CaptureSource):
         while not self.closed and self._cap is not None:
             ok, image = self._cap.read()
             if ok and self._valid(image):
+                if not self._sized(image):
+                    continue
                 return self._frame(image)
             if not ok:
                 raise SourceError(f"{self.uri} stopped delivering frames")
@@ -408,14 +442,16 @@ class CSISource(_CaptureSource):
 
 # -- images -----------------------------------------------------------------------------------------
 class ImageSource(Source):
-    """Image files (a folder, a glob or one image) in name order. Unreadable files are skipped and
-    counted. `fps` is nominal (timestamps, video sinks); `loop` repeats forever."""
+    """Image files (a folder, a glob or one image) in name order. Unreadable files, and images too
+    small or too large (`max_pixels`, judged from the file's header before decoding when Pillow can
+    read it), are skipped and counted; one image given alone (`single`) raises instead. `fps` is
+    nominal (timestamps, video sinks); `loop` repeats forever."""
 
     live = False
 
-    def __init__(self, uri: str, paths: list[str], fps: float = 30.0, loop: bool = False, **_):
+    def __init__(self, uri: str, paths: list[str], fps: float = 30.0, loop: bool = False, single: bool = False, **_):
         super().__init__()
-        self.uri, self.paths, self.loop = uri, list(paths), bool(loop)
+        self.uri, self.paths, self.loop, self.single = uri, list(paths), bool(loop), bool(single)
         self.fps = float(fps)
         self.frame_count = None if self.loop else len(self.paths)
         self._i = 0
@@ -429,13 +465,36 @@ class ImageSource(Source):
                 self._i = 0
             path = self.paths[self._i]
             self._i += 1
-            image = cv2.imread(path, cv2.IMREAD_COLOR)
+            why = self._problem(path)
+            image = None if why else cv2.imread(path, cv2.IMREAD_COLOR)
             if image is None or not self._valid(image):
-                self._skip_corrupt(f"cannot read {path}")
+                why = why or "not an image OpenCV can decode (damaged, empty or another format)"
+            else:
+                why = frame_size_problem(image.shape[0], image.shape[1], self.max_pixels, self.min_side)
+            if why:
+                if self.single:
+                    raise SourceError(f"cannot use {path}: {why}")
+                self._skip_corrupt(f"{path}: {why}")
                 failed_pass += 1
                 continue
             return self._frame(image, name=os.path.basename(path))
         return None
+
+    def _problem(self, path: str) -> str | None:
+        """A size problem read from the image header, before decoding (a 100-megapixel PNG is a
+        few kB of zeros: decoding it first would take gigabytes)."""
+        try:
+            from PIL import Image
+        except ImportError:  # the runtime does not need Pillow; OpenCV's own limit applies then
+            return None
+        try:
+            with Image.open(path) as im:
+                width, height = im.size
+        except Image.DecompressionBombError:
+            return "too large to decode safely (Pillow's decompression-bomb limit)"
+        except Exception:  # not something Pillow reads: OpenCV decides
+            return None
+        return frame_size_problem(height, width, self.max_pixels, self.min_side)
 
 
 def _natural_key(path: str):
@@ -456,6 +515,9 @@ class SyntheticSource(Source):
         frames, width, height = int(frames), int(width), int(height)
         if frames < 0 or width < 16 or height < 16:
             raise SourceError(f"{uri}: need frames >= 0 (0: endless) and width, height >= 16")
+        too_big = frame_size_problem(height, width, MAX_FRAME_PIXELS)
+        if too_big:
+            raise SourceError(f"{uri}: {too_big.split(';')[0]}; ask for a smaller width and height")
         self.uri, self.live, self.fps, self.size, self.loop = uri, bool(live), float(fps), (height, width), bool(loop)
         self.frame_count = frames if frames and not self.loop else None
         self.clip = SyntheticClip(size=(height, width), frames=frames or None, seed=int(seed), objects=int(objects),
@@ -523,11 +585,23 @@ def _parse_value(v: str):
         return v
 
 
-def open_source(uri, **opts) -> Source:
+def open_source(uri, max_pixels: int | None = MAX_FRAME_PIXELS, min_side: int = MIN_FRAME_SIDE, **opts) -> Source:
     """Open a frame source by URI (see the module docstring). `opts` override URI query options
-    and tune the source: live=, fps=, loop=, width=/height= (cameras), timeout=, reconnect= (streams)."""
+    and tune the source: live=, fps=, loop=, width=/height= (cameras), timeout=, reconnect= (streams).
+    Frames with fewer than `min_side` pixels a side or more than `max_pixels` (None: no limit) are
+    skipped and counted as corrupt; a single image given alone raises instead."""
     if isinstance(uri, Source):
         return uri
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):
+        raise SourceError(f"max_pixels must be a positive number of pixels (or None: no limit), got {max_pixels!r}")
+    if isinstance(min_side, bool) or not isinstance(min_side, int) or min_side < 1:
+        raise SourceError(f"min_side must be a positive number of pixels, got {min_side!r}")
+    src = _open(uri, opts)
+    src.max_pixels, src.min_side = max_pixels, min_side
+    return src
+
+
+def _open(uri, opts: dict) -> Source:
     if isinstance(uri, os.PathLike):
         uri = os.fspath(uri)
     if isinstance(uri, (int, np.integer)) and not isinstance(uri, bool):
@@ -587,7 +661,9 @@ def _open_path(uri: str, path: str, opts: dict) -> Source:
             raise SourceError(f"cannot open {uri}: the pattern matches no files; check the pattern and quote it so the shell does not expand it")
         return _with_live(ImageSource(uri, paths, **opts), {"live": live})
     if os.path.isdir(path):
-        paths = sorted((str(p) for p in Path(path).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS), key=_natural_key)
+        # hidden files are not frames: a killed writer's temporaries, macOS's ._ resource forks
+        paths = sorted((str(p) for p in Path(path).iterdir()
+                        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS), key=_natural_key)
         if not paths:
             raise SourceError(f"cannot open {uri}: the folder has no images ({', '.join(IMAGE_EXTENSIONS)}); put frames there or pass a video file")
         return _with_live(ImageSource(uri, paths, **opts), {"live": live})
@@ -597,7 +673,7 @@ def _open_path(uri: str, path: str, opts: dict) -> Source:
             "(0, /dev/video0), rtsp:// or http:// stream, or synthetic://"
         )
     if Path(path).suffix.lower() in IMAGE_EXTENSIONS:
-        return _with_live(ImageSource(uri, [path], **opts), {"live": live})
+        return _with_live(ImageSource(uri, [path], single=True, **opts), {"live": live})
     return _with_live(VideoFileSource(uri, path, **opts), {"live": live})
 
 

@@ -346,6 +346,316 @@ def test_cli_refuses_hostile_bundle(tmp_path, default_bundle, command, make, exp
     assert re.search(expected, lines[0]), lines[0]
 
 
+# -- sources: (id, URI or how to make one, options, the error) -----------------------------------------
+def _empty_folder(tmp):
+    (tmp / "empty").mkdir()
+    (tmp / "empty" / "notes.txt").write_text("no frames here")
+    return str(tmp / "empty")
+
+
+def _fake_video(tmp):
+    (tmp / "clip.mp4").write_bytes(os.urandom(4096))
+    return str(tmp / "clip.mp4")
+
+
+SOURCES = [
+    ("missing-file", "missing.mp4", {}, r"cannot open source missing\.mp4: no such file or folder"),
+    ("unknown-scheme", "gopher://host/feed", {}, r"unknown source scheme 'gopher'"),
+    ("empty-string", "", {}, r"--source must be a camera index, a path or a URI"),
+    ("synthetic-unknown-option", "synthetic://?colour=red", {}, r"unknown options \['colour'\]"),
+    ("synthetic-negative-frames", "synthetic://?frames=-1", {}, r"need frames >= 0"),
+    ("synthetic-gigapixel", "synthetic://?width=100000&height=100000", {},
+     r"100000x100000 = 10,000,000,000 pixels is too large \(at most 64,000,000\); ask for a smaller width and height"),
+    ("camera-missing", "/dev/video99", {}, r"/dev/video99 does not exist"),
+    ("csi-not-a-number", "csi://front", {}, r"expected csi://N with a sensor number"),
+    ("folder-without-images", _empty_folder, {}, r"the folder has no images"),
+    ("glob-without-match", "nothing-here-*.png", {}, r"the pattern matches no files"),
+    ("random-bytes-as-video", _fake_video, {}, r"FFmpeg cannot decode it"),
+    ("max-pixels-zero", "synthetic://?frames=1", {"max_pixels": 0}, r"max_pixels must be a positive number of pixels"),
+    ("min-side-negative", "synthetic://?frames=1", {"min_side": -1}, r"min_side must be a positive number of pixels"),
+]
+
+
+@pytest.mark.parametrize("uri, options, expected", [pytest.param(u, o, e, id=i) for i, u, o, e in SOURCES])
+def test_bad_source(tmp_path, monkeypatch, uri, options, expected):
+    from edgeseg.errors import SourceError
+    from runtime.sources import open_source
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SourceError, match=expected):
+        with open_source(uri(tmp_path) if callable(uri) else uri, **options) as src:
+            list(src)
+
+
+# -- frames in a folder: (id, the bad file, what it gets) -- skipped and counted, never the end of a run -
+def _png(w, h, mode="1"):
+    def write(path):
+        from PIL import Image
+
+        Image.new(mode, (w, h)).save(path, format="PNG")  # a 1-bit PNG: tiny file, however many pixels
+    return write
+
+
+FOLDER_FRAMES = [
+    ("truncated-jpeg", "b.jpg", lambda p: p.write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 64), "not an image OpenCV can decode"),
+    ("zero-bytes", "b.jpg", lambda p: p.write_bytes(b""), "not an image OpenCV can decode"),
+    ("text-named-png", "b.png", lambda p: p.write_text("hello"), "not an image OpenCV can decode"),
+    ("one-pixel", "b.png", _png(1, 1, "RGB"), "1x1 pixels is too small (at least 2 a side)"),
+    ("one-pixel-high", "b.png", _png(640, 1, "RGB"), "640x1 pixels is too small"),
+    ("72-megapixels", "b.png", _png(9000, 8000), "9000x8000 = 72,000,000 pixels is too large (at most 64,000,000)"),
+    ("gigapixel-bomb", "b.png", _png(40000, 40000), "too large"),
+]
+
+
+def _good(path):
+    import cv2
+    import numpy as np
+
+    cv2.imwrite(str(path), np.full((48, 64, 3), 120, np.uint8))
+
+
+@pytest.mark.parametrize("name, make, reason", [pytest.param(n, m, r, id=i) for i, n, m, r in FOLDER_FRAMES])
+def test_bad_frame_in_a_folder_is_skipped_and_counted(tmp_path, caplog, name, make, reason):
+    from runtime.sources import open_source
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    _good(folder / "a.png")
+    make(folder / name)
+    _good(folder / "c.png")
+    (folder / "._a.png").write_bytes(b"\x00\x05\x16\x07")  # macOS resource fork junk: not a frame at all
+    with caplog.at_level("WARNING", logger="edgeseg.runtime"), open_source(str(folder)) as src:
+        frames = list(src)
+    assert [f.name for f in frames] == ["a.png", "c.png"] and src.corrupt == 1
+    assert reason in caplog.text
+
+
+@pytest.mark.parametrize("name, make, reason", [pytest.param(n, m, r, id=i) for i, n, m, r in FOLDER_FRAMES])
+def test_bad_image_given_alone_is_a_clear_error(tmp_path, name, make, reason):
+    from edgeseg.errors import SourceError
+    from runtime.sources import open_source
+
+    make(tmp_path / name)
+    with pytest.raises(SourceError, match=re.escape(f"cannot use {tmp_path / name}: ") + ".*" + re.escape(reason)):
+        with open_source(str(tmp_path / name)) as src:
+            list(src)
+
+
+def test_a_run_over_a_folder_with_bad_frames_finishes(tmp_path, default_bundle, capsys):
+    from edgeseg.cli import main
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        _good(folder / f"{i}.png")
+    FOLDER_FRAMES[0][2](folder / "1b.jpg")
+    _png(9000, 8000)(folder / "2b.png")
+    assert main(["run", str(default_bundle.path), "--source", str(folder), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "3 frames" in out and "corrupt 2" in out, out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0.png", "1.png", "2.png"]
+
+
+def test_a_video_cut_short_is_reported(tmp_path, default_bundle, capsys):
+    from edgeseg.cli import main
+    from runtime.sources import write_synthetic_clip
+
+    clip = write_synthetic_clip(tmp_path / "clip.avi", frames=30, size=(90, 160))
+    data = clip.read_bytes()
+    (tmp_path / "cut.avi").write_bytes(data[: len(data) // 2])
+    stats = tmp_path / "stats.json"
+    assert main(["run", str(default_bundle.path), "--source", str(tmp_path / "cut.avi"), "--stats-json", str(stats)]) == 0
+    ended = json.loads(stats.read_text())["info"]["source"]["ended_early"]
+    assert ended["frames_announced"] == 30 and 0 < ended["frames_decoded"] < 30
+    assert f"the source ended after {ended['frames_decoded']} of the 30 frames its container announces" in capsys.readouterr().err
+
+
+# -- frames handed to Segmenter.segment: (id, the frame, the error) -----------------------------------
+def _frame_cases():
+    import numpy as np
+
+    huge = np.broadcast_to(np.zeros((1, 1, 3), np.uint8), (8001, 8000, 3))  # no memory behind it
+    return [
+        ("float-frame", np.zeros((32, 32, 3), np.float32), r"expected uint8 pixels \(0\.\.255\), got float32"),
+        ("grayscale", np.zeros((32, 32), np.uint8), r"expected a colour frame \(H, W, 3\), got a single-channel array"),
+        ("four-channels", np.zeros((32, 32, 4), np.uint8), r"expected 3 channels \(BGR\), got 4"),
+        ("a-list", [[0, 0, 0]], r"expected a frame as a numpy array \(H, W, 3\) uint8 BGR, got list"),
+        ("none", None, r"expected a frame as a numpy array .* got NoneType"),
+        ("one-pixel", np.zeros((1, 1, 3), np.uint8), r"frame too small"),
+        ("five-dimensions", np.zeros((2, 2, 3, 1, 1), np.uint8), r"expected a frame of shape \(H, W, 3\)"),
+        ("over-64-megapixels", huge, r"8000x8001 = 64,008,000 pixels is too large \(at most 64,000,000\)"),
+    ]
+
+
+FRAMES = _frame_cases()
+
+
+@pytest.mark.parametrize("frame, expected", [pytest.param(f, e, id=i) for i, f, e in FRAMES])
+def test_bad_frame_to_segment(default_bundle, frame, expected):
+    from edgeseg.spec import FrameError
+    from runtime.segmenter import Segmenter
+
+    seg = _segmenter(default_bundle)
+    with pytest.raises(FrameError, match=expected):
+        seg.segment(frame)
+
+
+_SEGMENTERS = {}
+
+
+def _segmenter(bundle):
+    from runtime.segmenter import Segmenter
+
+    if bundle.path not in _SEGMENTERS:
+        _SEGMENTERS[bundle.path] = Segmenter(bundle)
+    return _SEGMENTERS[bundle.path]
+
+
+# -- flags: (id, command line after the bundle, the error) ---------------------------------------------
+FLAGS = [
+    ("run-serve-port-name", ["run", "{bundle}", "--source", "synthetic://?frames=1", "--serve", "localhost:http"],
+     r"--serve expects HOST:PORT or PORT"),
+    ("run-serve-port-too-big", ["run", "{bundle}", "--source", "synthetic://?frames=1", "--serve", "127.0.0.1:70000"],
+     r"--serve expects HOST:PORT or PORT"),
+    ("run-serve-token-short", ["run", "{bundle}", "--source", "synthetic://?frames=1", "--serve", "0.0.0.0:0", "--serve-token", "abc"],
+     r"an access token \(--serve-token\) is 16 to 256 characters"),
+    ("run-serve-token-without-serve", ["run", "{bundle}", "--source", "synthetic://?frames=1", "--serve-token", "a" * 20],
+     r"--serve-token goes with --serve HOST:PORT"),
+    ("run-smoothing-1.5", ["run", "{bundle}", "--source", "synthetic://?frames=1", "--smoothing", "1.5"], r"smoothing must be in 0\.\.1"),
+    ("run-threshold-2", ["run", "{bundle}", "--source", "synthetic://?frames=1", "--threshold", "2"], r"threshold is a probability in 0\.\.1"),
+    ("run-keep-unknown-label", ["run", "{bundle}", "--source", "synthetic://?frames=1", "--keep", "unicorn"], r"unicorn"),
+    ("run-max-megapixels-zero", ["run", "{bundle}", "--source", "synthetic://?frames=1", "--max-megapixels", "0"],
+     r"--max-megapixels must be a positive number"),
+    ("run-precision-missing", ["run", "{bundle}", "--source", "synthetic://?frames=1", "--precision", "int8"], r"int8"),
+    ("calibrate-negative-budget", ["calibrate", "{bundle}", "--data", "synthetic:train", "--max-miou-drop", "-1"],
+     r"max.miou.drop must be >= 0"),
+    ("calibrate-nan-budget", ["calibrate", "{bundle}", "--data", "synthetic:train", "--max-miou-drop", "nan"],
+     r"max.miou.drop must be >= 0"),
+    ("build-bad-dynamic", ["build", "{bundle}", "--dynamic", "1x3x-5x5"], r"bad shape '1x3x-5x5'"),
+]
+
+
+@pytest.mark.parametrize("argv, expected", [pytest.param(a, e, id=i) for i, a, e in FLAGS])
+def test_bad_flag(default_bundle, capsys, argv, expected):
+    from edgeseg.cli import main
+
+    status = main([a.replace("{bundle}", str(default_bundle.path)) for a in argv])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert "Traceback" not in err and re.search(expected, err), err
+
+
+# -- HTTP requests to the browser view: (id, server, request, status, text in the answer) ------------
+TOKEN = "t0ken-" + "x" * 20
+
+
+def _get(path="/", host="127.0.0.1:{port}", headers=(), method="GET", version="HTTP/1.1"):
+    lines = [f"{method} {path} {version}"] + ([f"Host: {host}"] if host is not None else []) + list(headers)
+    return "\r\n".join(lines) + "\r\n\r\n"
+
+
+HTTP = [
+    ("host-evil", "loopback", _get(host="evil.example"), 403, "this view answers to 127.0.0.1, ::1, localhost"),
+    ("host-evil-with-port", "loopback", _get(host="evil.example:{port}"), 403, "this view answers to"),
+    ("host-missing", "loopback", _get(host=None, version="HTTP/1.0"), 403, "a Host header is required"),
+    ("host-suffix-trick", "loopback", _get(host="127.0.0.1.evil.example:{port}"), 403, "this view answers to"),
+    ("host-userinfo-trick", "loopback", _get(host="localhost@evil.example:{port}"), 403, "this view answers to"),
+    ("host-other-port", "loopback", _get(host="localhost:1"), 403, "port 1 is not this server's"),
+    ("host-lan-ip-on-loopback", "loopback", _get(host="192.168.1.5:{port}"), 403, "this view answers to"),
+    ("host-garbage", "loopback", _get(host="[::1"), 403, "the Host header is malformed"),
+    ("host-ipv6-loopback", "loopback", _get(host="[::1]:{port}"), 200, "<title>"),
+    ("host-localhost-capitals", "loopback", _get(host="LOCALHOST:{port}"), 200, "<title>"),
+    ("post", "loopback", _get(method="POST"), 501, "Unsupported method"),
+    ("path-traversal", "loopback", _get("/../../etc/passwd"), 404, "not found"),
+    ("url-too-long", "loopback", _get("/" + "a" * 70000), 414, ""),
+    ("stats-no-token-needed-on-loopback", "loopback", _get("/stats.json"), 200, "{"),
+    ("token-missing", "network", _get(), 403, "this view needs its access token"),
+    ("token-wrong", "network", _get(f"/?token={TOKEN}x"), 403, "this view needs its access token"),
+    ("token-right-sets-cookie", "network", _get(f"/?token={TOKEN}"), 303, ""),
+    ("token-cookie", "network", _get(headers=[f"Cookie: a=b; edgeseg_token_{{port}}={TOKEN}"]), 200, "<title>"),
+    ("token-cookie-wrong", "network", _get(headers=["Cookie: edgeseg_token_{port}=nope"]), 403, "access token"),
+    ("token-other-servers-cookie", "network", _get(headers=[f"Cookie: edgeseg_token_1={TOKEN}"]), 403, "access token"),
+    ("token-in-query-for-stream-clients", "network", _get(f"/stats.json?token={TOKEN}"), 200, "{"),
+    ("token-right-host-evil", "network", _get(f"/?token={TOKEN}", host="evil.example:{port}"), 403, "this view answers to"),
+    ("ip-literal-on-wildcard-bind", "network", _get(f"/stats.json?token={TOKEN}", host="10.1.2.3:{port}"), 200, "{"),
+]
+
+
+@pytest.fixture(scope="module")
+def servers():
+    from runtime.server import FrameServer
+
+    with FrameServer("127.0.0.1", 0, title="<script>alert(1)</script> & co") as loopback, \
+            FrameServer("0.0.0.0", 0, token=TOKEN) as network:
+        yield {"loopback": loopback, "network": network}
+
+
+def _ask(port: int, request: str) -> tuple[int, dict, bytes]:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request.encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize("server, request_text, status, text", [pytest.param(*row[1:], id=row[0]) for row in HTTP])
+def test_bad_http_request(servers, server, request_text, status, text):
+    srv = servers[server]
+    code, headers, body = _ask(srv.port, request_text.replace("{port}", str(srv.port)))
+    assert code == status, body[:300]
+    assert text in body.decode("utf-8", "replace")
+    # every answer, refusals and errors included, carries the protections
+    assert headers["x-content-type-options"] == "nosniff"
+    assert "frame-ancestors 'none'" in headers["content-security-policy"] and "script-src 'self'" in headers["content-security-policy"]
+    assert headers["referrer-policy"] == "no-referrer" and headers["cache-control"] == "no-store"
+    assert headers["server"] == "edgeseg"
+    if code == 303:
+        assert headers["location"] == "/"
+        assert headers["set-cookie"] == f"edgeseg_token_{srv.port}={TOKEN}; HttpOnly; SameSite=Strict; Path=/"
+
+
+def test_page_escapes_the_title_and_has_no_inline_script(servers):
+    srv = servers["loopback"]
+    _, _, body = _ask(srv.port, _get(host=f"127.0.0.1:{srv.port}"))
+    page = body.decode()
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in page and "<script>alert" not in page
+    assert page.count("<script") == 1 and '<script src="/app.js"></script>' in page and "<style" not in page
+
+
+# -- server settings: (id, FrameServer keywords, the error) ---------------------------------------------
+SERVER_SETTINGS = [
+    ("token-too-short", {"token": "short"}, r"an access token \(--serve-token\) is 16 to 256 characters"),
+    ("token-header-injection", {"token": "a" * 20 + ";\r\nSet-Cookie: x=1"}, r"16 to 256 characters of letters, digits and \._~-"),
+    ("token-not-a-string", {"token": 12345678901234567890}, r"an access token"),
+]
+
+
+@pytest.mark.parametrize("options, expected", [pytest.param(o, e, id=i) for i, o, e in SERVER_SETTINGS])
+def test_bad_server_setting(options, expected):
+    from runtime.server import FrameServer, ServerError
+
+    with pytest.raises(ServerError, match=expected):
+        FrameServer("0.0.0.0", 0, **options)
+
+
+def test_network_bind_without_a_token_gets_one():
+    from runtime.server import FrameServer
+
+    with FrameServer("0.0.0.0", 0) as srv:
+        assert srv.token and len(srv.token) >= 24 and srv.url.endswith(f"?token={srv.token}")
+        code, _, _ = _ask(srv.port, _get(host=f"127.0.0.1:{srv.port}"))
+        assert code == 403
+
+
 def test_corpus_size():
     """The corpus the note reports (rows of every table in this file)."""
     tables = [v for k, v in globals().items() if k.isupper() and isinstance(v, list) and v and isinstance(v[0], tuple)]

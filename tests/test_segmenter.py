@@ -157,3 +157,76 @@ def test_runtime_and_run_command_never_import_torch(default_bundle):
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
 
 
+
+
+# -- segment() from several threads -------------------------------------------------------------
+class _SlowEngine:
+    """Wraps an engine: each infer takes a while and records how many run at once."""
+
+    def __init__(self, engine, thread_safe: bool, delay: float = 0.02):
+        self._engine, self.thread_safe, self.delay = engine, thread_safe, delay
+        self.backend, self.precision = engine.backend, engine.precision
+        self.inputs, self.outputs = engine.inputs, engine.outputs
+        self._lock, self.running, self.most = threading.Lock(), 0, 0
+
+    def infer(self, batch):
+        import time
+
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            time.sleep(self.delay)
+            return self._engine.infer(batch)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def close(self):
+        pass
+
+
+def _frames(n):
+    from edgeseg.data.synthetic import SyntheticScenes
+
+    scenes = SyntheticScenes(size=(96, 160), length=n, split="test")
+    return [scenes[i][0] for i in range(n)]
+
+
+def _hammer(fn, frames, threads=6):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, frames))
+
+
+@pytest.mark.parametrize("thread_safe", [True, False], ids=["thread-safe-engine", "serialised-engine"])
+def test_segment_from_many_threads_gives_each_call_its_own_result(default_bundle, thread_safe):
+    frames = _frames(24)
+    alone = Segmenter(default_bundle)
+    expected = [alone.segment(f).class_map for f in frames]
+    slow = _SlowEngine(alone.engine, thread_safe)
+    seg = Segmenter(default_bundle, engine=slow)
+    results = _hammer(seg.segment, frames)
+    assert all(np.array_equal(r.class_map, e) for r, e in zip(results, expected))
+    assert sorted(r.frame_index for r in results) == list(range(len(frames)))  # unique indices
+    assert seg.stats.summary()["frames_out"] == len(frames)
+    assert (slow.most > 1) is thread_safe  # a thread-safe engine runs calls side by side, others one at a time
+
+
+def test_segment_with_smoothing_refuses_concurrent_calls(default_bundle):
+    frames = _frames(12)
+    seg = Segmenter(default_bundle, smoothing=0.6, engine=_SlowEngine(Segmenter(default_bundle).engine, True, delay=0.05))
+    errors, done = [], []
+
+    def call(frame):
+        try:
+            done.append(seg.segment(frame))
+        except EdgesegError as e:
+            errors.append(str(e))
+
+    _hammer(call, frames, threads=4)
+    assert errors and done  # some ran, the ones that overlapped were refused
+    assert all("smoothing is called from several threads at once" in e for e in errors)
+    assert len(done) + len(errors) == len(frames)
+    seg.segment(frames[0])  # one at a time is fine again

@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from edgeseg.errors import EdgesegError, interrupt_status
+from edgeseg.spec import MAX_FRAME_PIXELS
 from runtime.engines.registry import backend_choices
 
 
@@ -17,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="PATH", help="write the overlay: video (.mp4/.avi), image folder, or image file")
     p.add_argument("--show", action="store_true", help="show a window (needs a display)")
     p.add_argument("--serve", metavar="HOST:PORT", help="serve the live view to a browser (loopback unless a host is given)")
+    p.add_argument("--serve-token", metavar="TOKEN",
+                   help="access token of the browser view (16+ characters of letters, digits and ._~-); "
+                        "default: generated and printed when --serve binds to a non-loopback address")
     add_backend_argument(p)
     p.add_argument("--precision", help="artifact precision to run (fp32, fp16, int8 ...; default: the most accurate)")
     p.add_argument("--frames", type=int, default=None, metavar="N", help="stop after N frames")
@@ -33,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--build-missing", action="store_true",
                    help="with TensorRT and a GPU but no engine of the bundle built for them: build one into the engine "
                         "cache first (the bundle stays as it is; `edgeseg build` adds it to the bundle instead)")
+    p.add_argument("--max-megapixels", type=float, default=MAX_FRAME_PIXELS / 1e6, metavar="MP",
+                   help=f"frames larger than this are skipped and counted as corrupt (default {MAX_FRAME_PIXELS / 1e6:g}; "
+                        "a single image given alone is refused)")
     add_stage_nice_argument(p)
     p.add_argument("--stats", action="store_true", help="print per-stage timings at the end")
     p.add_argument("--stats-json", metavar="PATH", help="write timings as JSON (rewritten every few seconds)")
@@ -70,7 +78,12 @@ def run(args) -> int:
         from edgeseg.segmenter import Segmenter
     else:
         from runtime.segmenter import Segmenter
+    from runtime.server import check_token
 
+    if args.serve_token is not None:
+        if not args.serve:
+            raise EdgesegError("--serve-token goes with --serve HOST:PORT (the browser view it protects)")
+        check_token(args.serve_token)
     options = {"threads": args.threads} if args.threads else {}
     if args.build_missing:
         options["build_missing"] = True
@@ -84,8 +97,12 @@ def run(args) -> int:
     source_options = source_defaults(args.source, serve=bool(args.serve), loop=args.loop)
     if args.stage_nice is not None:
         source_options["stage_nice"] = args.stage_nice
+    if not args.max_megapixels > 0:
+        raise EdgesegError(f"--max-megapixels must be a positive number, got {args.max_megapixels}")
+    source_options["max_pixels"] = int(args.max_megapixels * 1e6)
     stream = seg.stream(args.source, show=args.show, save=args.out, serve=args.serve, max_frames=args.frames,
-                        stats_path=args.stats_json, alpha=args.alpha, mode=args.mode, legend=args.legend, **source_options)
+                        stats_path=args.stats_json, alpha=args.alpha, mode=args.mode, legend=args.legend,
+                        serve_token=args.serve_token, **source_options)
     if args.serve:
         server = next(s for s in stream.sinks if hasattr(s, "server")).server
         print(f"browser view: {server.url}  (Ctrl-C to stop)", file=sys.stderr, flush=True)
@@ -99,6 +116,10 @@ def run(args) -> int:
         print(f"{n} frames in {time.perf_counter() - t0:.1f} s, pipeline {fps if fps is not None else '-'} FPS, "
               f"engine-only {summary['engine_fps'] if summary['engine_fps'] is not None else '-'} FPS, "
               f"dropped {summary['dropped']}, corrupt {summary['corrupt']}")
+    ended = ((summary.get("info") or {}).get("source") or {}).get("ended_early")
+    if ended:
+        print(f"the source ended after {ended['frames_decoded']} of the {ended['frames_announced']} frames its container "
+              "announces: the file is truncated or damaged", file=sys.stderr)
     if args.out:
         print(f"overlay -> {args.out}{describe_sink(stream, args.out)}")
     if args.stats_json:
@@ -141,9 +162,9 @@ def consume(stream, seg, max_frames: int | None = None) -> tuple[int, int]:
                 bar.update()
                 if live and n % 30 == 0:
                     bar.note(f"dropped {seg.stats.counters.get('dropped', 0)}")
-    except KeyboardInterrupt:
-        status = 130
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (the stream closed: outputs finalised, stats written)
+        status = interrupt_status(e)
+        print("terminated" if status == 143 else "interrupted", file=sys.stderr)
     return n, status
 
 

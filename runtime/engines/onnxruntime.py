@@ -28,6 +28,7 @@ def available() -> tuple[bool, str]:
 
 class OnnxRuntimeEngine(EngineIO):
     backend = "onnxruntime"
+    thread_safe = True  # InferenceSession.run may be called from several threads at once (ONNX Runtime API docs)
 
     def __init__(self, path: str | os.PathLike, precision: str = "fp32", threads: int | None = None,
                  providers: list[str] | None = None, spinning: bool = True):
