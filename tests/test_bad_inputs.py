@@ -481,7 +481,7 @@ def _frame_cases():
         ("four-channels", np.zeros((32, 32, 4), np.uint8), r"expected 3 channels \(BGR\), got 4"),
         ("a-list", [[0, 0, 0]], r"expected a frame as a numpy array \(H, W, 3\) uint8 BGR, got list"),
         ("none", None, r"expected a frame as a numpy array .* got NoneType"),
-        ("one-pixel", np.zeros((1, 1, 3), np.uint8), r"frame too small"),
+        ("one-pixel", np.zeros((1, 1, 3), np.uint8), r"cannot segment this frame: 1x1 pixels is too small \(at least 2 a side\)"),
         ("five-dimensions", np.zeros((2, 2, 3, 1, 1), np.uint8), r"expected a frame of shape \(H, W, 3\)"),
         ("over-64-megapixels", huge, r"8000x8001 = 64,008,000 pixels is too large \(at most 64,000,000\)"),
     ]

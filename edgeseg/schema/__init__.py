@@ -47,7 +47,7 @@ def _validator(backends: tuple[str, ...] | None):
     from jsonschema.validators import validator_for
 
     schema = load_schema()
-    if backends is not None and backends != enum("backend"):
+    if backends is not None and set(backends) != set(enum("backend")):
         schema = copy.deepcopy(schema)
         schema["$defs"]["backend"]["enum"] = list(backends)
     cls = validator_for(schema)
