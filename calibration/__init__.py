@@ -177,7 +177,14 @@ def _calibrate(bundle, fp32, fp32_path: Path, calib, evalset, staging: Path, *, 
     pre = man.preprocess
     work = staging / "work"
     work.mkdir()
-    model_path = ensure_opset(fp32_path, work / "fp32.opset13.onnx")
+    # ONNX Runtime's calibrator writes files beside the model it is given: give it one in the staging
+    # folder, so concurrent calibrations of a bundle (or a killed one) leave nothing in the bundle itself
+    local = work / "fp32.onnx"
+    try:
+        os.link(fp32_path, local)
+    except OSError:  # no hard links on this file system
+        shutil.copyfile(fp32_path, local)
+    model_path = ensure_opset(local, work / "fp32.opset13.onnx")
     op_types = {n.name: n.op_type for n in onnx.load(str(model_path), load_external_data=False).graph.node}
     ranges_path = work / "ranges.json"
     t0 = time.perf_counter()
