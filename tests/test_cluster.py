@@ -374,3 +374,20 @@ def test_instance_results_give_areas_counts_and_object_rles():
     assert entries[1]["bbox"] == [10.0, 8.0, 5.0, 4.0]
     m = coco_mask.decode({"size": entries[1]["segmentation"]["size"], "counts": entries[1]["segmentation"]["counts"].encode()})
     assert np.array_equal(m.astype(bool), r.mask(1))
+
+
+def test_a_killed_run_leaves_no_temporaries_after_the_next(default_bundle, videos, tmp_path):
+    from edgeseg.cluster import BatchSegmenter
+
+    out = tmp_path / "r"
+    folder = out / "e.mp4"
+    folder.mkdir(parents=True)
+    # what `kill -9` in the middle of writing a table leaves: a temporary of a process that is gone
+    r = subprocess.run([sys.executable, "-c", "import sys; from edgeseg.files import make_temp_dir; "
+                        "print(make_temp_dir(sys.argv[1], 'areas.parquet'))", str(folder)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    stale = Path(r.stdout.strip())
+    assert stale.is_dir()
+    with BatchSegmenter(default_bundle.path) as batch:
+        assert batch.run(videos / "cam1" / "e.mp4", out).done == 1
+    assert not stale.exists() and sorted(p.name for p in folder.iterdir()) == ["areas.parquet", "done.json"]

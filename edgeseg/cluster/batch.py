@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from edgeseg import progress
-from edgeseg.bundle import Bundle, sha256_file
+from edgeseg.bundle import Bundle
+from edgeseg.files import sha256_file
 from edgeseg.cluster.outputs import ResultStore
 from edgeseg.cluster.plan import BatchError, OutputSpec, Source, Task, find_sources, plan_tasks
 from edgeseg.cluster.worker import SegmenterWorker, pack_bundle

@@ -32,7 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edgeseg.bundle import atomic_path, write_text_atomic
+from edgeseg.files import atomic_path, clean_stale_temps, write_text_atomic
 from edgeseg.cluster.plan import BatchError, OutputSpec, Source, Task
 from edgeseg.errors import option
 
@@ -164,6 +164,7 @@ class ResultStore:
     # -- writing -------------------------------------------------------------------------
     def write_part(self, task: Task, part: dict, overlay: bytes | None, info: dict) -> None:
         """One task's outputs, written into a temporary folder and renamed into place."""
+        clean_stale_temps(self._part_dir(task).parent)  # what a killed run was writing
         with atomic_path(self._part_dir(task)) as tmp:
             tmp.mkdir()
             arrays = {k: part[k] for k in ("frame", "time_s", "size", "areas")}
@@ -193,6 +194,7 @@ class ResultStore:
         tables = [dict(np.load(p / "table.npz")) for p in parts]
         table = {k: np.concatenate([t[k] for t in tables]) for k in tables[0]}
         infos = [json.loads((p / "part.json").read_text()) for p in parts]
+        clean_stale_temps(folder)
         self._remove_other_outputs(folder)
         name = self._table_name()
         with atomic_path(folder / name) as tmp:
@@ -253,6 +255,7 @@ class ResultStore:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def write_summary(self, summary: dict) -> Path:
+        clean_stale_temps(self.root)
         path = self.root / "summary.json"
         write_text_atomic(path, json.dumps(summary, indent=2, default=str) + "\n")
         return path

@@ -36,9 +36,7 @@ def pack_bundle(bundle: Bundle) -> bytes:
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as z:
         z.write(root / MANIFEST, MANIFEST)
         for art in bundle.manifest.artifacts:
-            p = (root / art.path).resolve()
-            if not p.is_relative_to(root):
-                raise BundleError(f"artifact {art.path} lies outside the bundle {bundle.path}; it is not shipped")
+            p = bundle.artifact_path(art).resolve()  # refuses a path that leaves the bundle
             files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
             for f in files:
                 z.write(f, f.relative_to(root).as_posix())
