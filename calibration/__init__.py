@@ -57,21 +57,12 @@ def calibrate_bundle(bundle_path: str | os.PathLike, data: Any, *, method: str =
     targets = list(TARGETS) if target == "both" else [target]
     if any(t not in TARGETS for t in targets):
         raise CalibrationError(f"unknown target {target!r}; use tensorrt, cpu or both")
-    try:
-        budget = float(max_miou_drop)
-    except (TypeError, ValueError):
-        raise CalibrationError(f"{option('max_miou_drop')} must be a number of mIoU points, got {max_miou_drop!r}") from None
-    if not budget >= 0:
-        raise CalibrationError(f"{option('max_miou_drop')} must be >= 0 mIoU points, got {max_miou_drop}")
+    budget = check_budget(max_miou_drop)
     if trt_version is not None and "tensorrt" in targets:
         from calibration.cache import trt_version_code
 
         trt_version_code(trt_version)
-    if eval_data is not None and _same_data(data, eval_data):
-        raise CalibrationError(
-            f"calibration and evaluation both use {data!r}; accuracy must be measured on held-out data: "
-            "evaluate on another split (e.g. --data synthetic:train --eval-data synthetic:test)"
-        )
+    _check_held_out(data, eval_data)
 
     bundle = Bundle.load(bundle_path)
     man = bundle.manifest
@@ -86,11 +77,7 @@ def calibrate_bundle(bundle_path: str | os.PathLike, data: Any, *, method: str =
     check_quantizable(onnx.load(str(fp32_path), load_external_data=False), where=f"{fp32_path}")
 
     say(f"reading calibration frames from {data}")
-    calib = CalibrationSet(data, man.preprocess, input_name=man.input_name, max_images=max_images)
-    evalset = _eval_set(calib, data, eval_data, man.preprocess, eval_max_images)
-    if evalset is None:
-        warnings.warn("no held-out evaluation frames: INT8 accuracy is not measured and no layer is kept in float; "
-                      f"pass {option('eval_data')} with labelled held-out data", CalibrationWarning, stacklevel=2)
+    calib, evalset = calibration_frames(bundle, data, eval_data, max_images=max_images, eval_max_images=eval_max_images)
 
     staging = bundle.staging_dir("calibrate")
     try:
@@ -103,6 +90,40 @@ def calibrate_bundle(bundle_path: str | os.PathLike, data: Any, *, method: str =
     summary["seconds"] = round(time.perf_counter() - t_start, 1)
     say(f"done in {summary['seconds']} s")
     return summary
+
+
+def check_budget(max_miou_drop) -> float:
+    """The accuracy budget in mIoU points, checked."""
+    try:
+        budget = float(max_miou_drop)
+    except (TypeError, ValueError):
+        raise CalibrationError(f"{option('max_miou_drop')} must be a number of mIoU points, got {max_miou_drop!r}") from None
+    if not budget >= 0:
+        raise CalibrationError(f"{option('max_miou_drop')} must be >= 0 mIoU points, got {max_miou_drop}")
+    return budget
+
+
+def calibration_frames(bundle, data: Any, eval_data: Any = None, *, max_images: int = 512,
+                       eval_max_images: int = 200) -> tuple[CalibrationSet, Any]:
+    """The calibration frames through the bundle's `Preprocess`, and the held-out evaluation
+    frames (an `EvalSet`; None, with a warning, when there are none). Every INT8 path uses these:
+    the ONNX Q/DQ presets here, OpenVINO's NNCF and the LiteRT quantizer."""
+    _check_held_out(data, eval_data)
+    man = bundle.manifest
+    calib = CalibrationSet(data, man.preprocess, input_name=man.input_name, max_images=max_images)
+    evalset = _eval_set(calib, data, eval_data, man.preprocess, eval_max_images)
+    if evalset is None:
+        warnings.warn("no held-out evaluation frames: INT8 accuracy is not measured and no layer is kept in float; "
+                      f"pass {option('eval_data')} with labelled held-out data", CalibrationWarning, stacklevel=3)
+    return calib, evalset
+
+
+def _check_held_out(data, eval_data) -> None:
+    if eval_data is not None and _same_data(data, eval_data):
+        raise CalibrationError(
+            f"calibration and evaluation both use {data!r}; accuracy must be measured on held-out data: "
+            "evaluate on another split (e.g. --data synthetic:train --eval-data synthetic:test)"
+        )
 
 
 def _same_data(a, b) -> bool:
@@ -250,7 +271,7 @@ def _calibrate(bundle, fp32, fp32_path: Path, calib, evalset, staging: Path, *, 
             entry["validator"] = "passed"
         parity = check_parity(fp32_path, out, pre, frames=8, output_kind=man.output_kind)
         entry["parity_vs_fp32"] = parity
-        metrics = _artifact_metrics(evaluator, result, calib, budget)
+        metrics = artifact_metrics(evaluator, result, calib, budget)
         info = {"method": method, "preset": p.to_dict(), "opset": opset_of(out), "quantized_layers": len(qnodes),
                 "calibration_frames": len(calib), "calibration_data": calib.description, "source": fp32.path}
         if t == "tensorrt":
@@ -284,7 +305,8 @@ def _quantize_to(model_path, ranges_path, method, target, out, nodes_to_exclude=
                           nodes_to_quantize=nodes_to_quantize)
 
 
-def _artifact_metrics(evaluator, result, calib, budget) -> dict:
+def artifact_metrics(evaluator, result, calib, budget) -> dict:
+    """The figures an INT8 artifact carries in the manifest (`metrics`), from any quantizer's result."""
     m: dict[str, Any] = {"calibration_frames": len(calib), "max_miou_drop_points": budget}
     if evaluator is None or result is None:
         m.update(accuracy_measured=False, float_layers=[])
@@ -360,6 +382,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'calibration' has no attribute {name!r}")
 
 
-__all__ = ["calibrate_bundle", "CalibrationSet", "CalibrationError", "CalibrationWarning", "open_source", "Violation",
+__all__ = ["calibrate_bundle", "calibration_frames", "check_budget", "artifact_metrics", "CalibrationSet", "CalibrationError", "CalibrationWarning", "open_source", "Violation",
            "validate_tensorrt_qdq", "PRESETS", "METHODS", "TARGETS", "artifact_name", "evaluate_bundle",
            "evaluate_checkpoint", "format_table", "load_eval_set"]

@@ -99,9 +99,10 @@ class Evaluator:
         self.sens_maps, self.sens_outputs = predict(onnx_runner(fp32_path), self.sens_set, preprocess, output_kind,
                                                     keep_outputs=True)
 
-    def measure(self, model_path: str | Path) -> dict:
-        """Scores of a candidate on the whole evaluation set, with its mIoU drop against FP32 in points."""
-        maps = predict(onnx_runner(model_path), self.evalset, self.pre, self.output_kind)
+    def measure(self, model: str | Path | Callable) -> dict:
+        """Scores of a candidate (an ONNX file, or any batch -> output runner: another engine's
+        artifact) on the whole evaluation set, with its mIoU drop against FP32 in points."""
+        maps = predict(model if callable(model) else onnx_runner(model), self.evalset, self.pre, self.output_kind)
         s = score(maps, self.evalset, self.labels) if self.evalset.labelled else pseudo_score(maps, self.fp32_maps, self.labels)
         s["agreement_with_fp32"] = agreement(maps, self.fp32_maps)
         s["miou_drop_points"] = 100.0 * (self.reference["miou"] - s["miou"])

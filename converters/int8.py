@@ -1,0 +1,97 @@
+"""What the engines that quantize their own format share (OpenVINO through NNCF, LiteRT through
+the LiteRT quantizer): the calibration frames and the held-out yardstick come from `calibration`
+(the same frames, the same `Preprocess`, the same mIoU as the ONNX INT8 graphs), and each artifact
+is measured with the engine that will run it, then moved into the bundle in one step.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+log = logging.getLogger("edgeseg.convert")
+
+
+@dataclass
+class Int8Inputs:
+    """Calibration frames (`calib.inputs`: preprocessed batches) and, where there are held-out
+    frames, the evaluator that scores candidates against the bundle's FP32 ONNX model."""
+
+    calib: Any  # calibration.CalibrationSet
+    evaluator: Any  # calibration.sensitivity.Evaluator | None
+    budget: float  # mIoU points
+
+    def measure(self, runner: Callable) -> dict | None:
+        return None if self.evaluator is None else self.evaluator.measure(runner)
+
+    def metrics(self, full: dict | None, final: dict | None, float_layers: list[str], target: str) -> dict:
+        """The manifest figures, in the same fields as the ONNX INT8 artifacts'."""
+        from calibration import artifact_metrics
+        from calibration.sensitivity import MixedPrecisionResult
+
+        result = None
+        if self.evaluator is not None and final is not None:
+            result = MixedPrecisionResult(
+                target, self.evaluator.metric, self.budget, self.evaluator.reference, full or final, final,
+                float_layers=[{"name": n} for n in float_layers],
+                within_budget=final["miou_drop_points"] <= self.budget + 1e-9)
+        return artifact_metrics(self.evaluator, result, self.calib, self.budget)
+
+
+def int8_inputs(bundle, data, eval_data=None, *, max_miou_drop: float = 0.5, max_images: int = 300,
+                eval_max_images: int = 200) -> Int8Inputs:
+    from calibration import calibration_frames, check_budget
+    from calibration.sensitivity import Evaluator
+
+    if data is None:
+        raise _error("INT8 needs calibration frames: pass calib=<image folder, video or dataset> (--calib)")
+    budget = check_budget(max_miou_drop)
+    fp32 = bundle.select("onnxruntime", "fp32")
+    bundle.verify_artifact(fp32)
+    calib, evalset = calibration_frames(bundle, data, eval_data, max_images=max_images, eval_max_images=eval_max_images)
+    man = bundle.manifest
+    evaluator = None
+    if evalset is not None:
+        evaluator = Evaluator(evalset, man.preprocess, man.labels, man.output_kind, bundle.artifact_path(fp32),
+                              sensitivity_frames=1)
+    return Int8Inputs(calib, evaluator, budget)
+
+
+def engine_runner(engine) -> Callable:
+    """batch -> first output of an engine (what the evaluator and parity checks call)."""
+    return lambda x: next(iter(engine.infer(x).values()))
+
+
+@contextmanager
+def staging(bundle) -> Iterator[Path]:
+    """A scratch folder inside the bundle (same file system, so moving out of it is atomic)."""
+    path = Path(tempfile.mkdtemp(prefix=".convert-", dir=bundle.path))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def install(bundle, staged: Path, artifact) -> None:
+    """Move a staged file or folder to `artifact.path` in the bundle atomically, record it with its
+    checksum and save the manifest last: a failure before this leaves the bundle as it was."""
+    from edgeseg.bundle import atomic_path
+
+    with atomic_path(bundle.path / artifact.path) as tmp:
+        os.replace(staged, tmp)
+    bundle.add_artifact(artifact)
+    bundle.save()
+
+
+def _error(message: str):
+    from edgeseg.errors import ConversionError
+
+    return ConversionError(message)
+
+
+__all__ = ["Int8Inputs", "int8_inputs", "engine_runner", "staging", "install"]
