@@ -1,7 +1,7 @@
 """Accuracy on held-out labelled data: mIoU, per-class IoU, pixel accuracy, and agreement with FP32.
 
     from calibration.evaluate import evaluate_bundle
-    result = evaluate_bundle("bundle/", "synthetic:test?n=200")   # every artifact ONNX Runtime can run
+    result = evaluate_bundle("bundle/", "synthetic:test?n=200")   # every artifact this machine runs
     print(format_table(result))
 
 Frames go through the bundle's `Preprocess.apply`; class maps are mapped back to the frame size
@@ -126,8 +126,31 @@ def onnx_runner(path: str | os.PathLike, threads: int | None = None) -> Runner:
     """The deployment engine (ONNX Runtime, CPU) as batch -> first output."""
     from runtime.engines.onnxruntime import OnnxRuntimeEngine
 
-    engine = OnnxRuntimeEngine(path, threads=threads)
+    return engine_runner(OnnxRuntimeEngine(path, threads=threads))
+
+
+def engine_runner(engine) -> Runner:
+    """Any engine (runtime.engines) as batch -> its first output."""
     return lambda x: next(iter(engine.infer(x).values()))
+
+
+def artifact_runner(bundle, art, threads: int | None = None) -> tuple[Runner | None, str]:
+    """The engine of `art`'s backend (runtime.engines.registry) as a runner, or (None, why) where
+    this machine cannot run it (CoreML off macOS, TensorRT without a GPU, a missing extra)."""
+    from edgeseg.errors import EdgesegError
+    from runtime.engines.registry import get_backend
+
+    if art.backend == "onnxruntime":  # by path: a bundle holds several ONNX INT8 graphs (one per target)
+        return onnx_runner(bundle.artifact_path(art), threads), ""
+    backend = get_backend(art.backend)
+    ok, why = backend.available()
+    if not ok:
+        return None, why
+    try:
+        engine = backend.engine_class().from_bundle(bundle, precision=art.precision, **({"threads": threads} if threads else {}))
+    except EdgesegError as e:
+        return None, str(e)
+    return engine_runner(engine), ""
 
 
 def torch_runner(model) -> Runner:
@@ -211,7 +234,8 @@ def noise_ratio(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) 
 # -- whole bundles and checkpoints ---------------------------------------------------------------
 def evaluate_bundle(bundle, data: Any, *, max_images: int | None = DEFAULT_EVAL_IMAGES, split: str | None = None,
                     threads: int | None = None) -> dict:
-    """Accuracy of every artifact of `bundle` ONNX Runtime can run here, plus agreement with FP32."""
+    """Accuracy of every artifact of `bundle` this machine can run (each with its own engine),
+    plus agreement with the FP32 ONNX model's class maps."""
     from edgeseg.bundle import Bundle
 
     if not isinstance(bundle, Bundle):
@@ -223,20 +247,19 @@ def evaluate_bundle(bundle, data: Any, *, max_images: int | None = DEFAULT_EVAL_
     order = fp32 + [a for a in man.artifacts if a not in fp32]
     rows, skipped, reference = [], [], None
     for art in order:
-        if art.backend != "onnxruntime":
-            skipped.append({"path": art.path, "backend": art.backend, "precision": art.precision,
-                            "reason": f"{art.backend} artifacts do not run on this machine's ONNX Runtime"})
-            continue
         bundle.verify_artifact(art)
+        runner, why_not = artifact_runner(bundle, art, threads)
+        if runner is None:
+            skipped.append({"path": art.path, "backend": art.backend, "precision": art.precision, "reason": why_not})
+            continue
         t0 = time.perf_counter()
         try:
-            maps = predict(onnx_runner(bundle.artifact_path(art), threads), evalset, man.preprocess, man.output_kind,
-                           desc=art.path)
+            maps = predict(runner, evalset, man.preprocess, man.output_kind, desc=art.path)
         except Exception as e:  # e.g. an fp16 graph with ops ONNX Runtime's CPU provider lacks
-            if art.precision == "fp32":
+            if art.precision == "fp32" and art.backend == "onnxruntime":
                 raise
             skipped.append({"path": art.path, "backend": art.backend, "precision": art.precision,
-                            "reason": f"ONNX Runtime (CPU) cannot run it here: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"})
+                            "reason": f"{art.backend} cannot run it here: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}"})
             continue
         row = {"path": art.path, "backend": art.backend, "precision": art.precision, "target": art.target,
                **score(maps, evalset, man.labels), "seconds": round(time.perf_counter() - t0, 2)}
@@ -282,6 +305,12 @@ def _check_labels(evalset: EvalSet, labels: list[str]) -> None:
                                f"{len(labels)} ({', '.join(labels[:6])} ...); evaluate on data labelled with the model's classes")
 
 
+def _column(r: dict) -> str:
+    """fp32, int8/cpu, openvino int8 ...: what tells the artifacts apart in a column header."""
+    name = r["precision"] + ("/" + r["target"] if r.get("target") else "")
+    return name if r["backend"] == "onnxruntime" else f"{r['backend'][:8]} {name}"
+
+
 def format_table(result: dict) -> str:
     """The per-artifact figures as a text table, then per-class IoU."""
     lines = [f"{result['model']} on {result['data']} ({result['frames']} frames)"]
@@ -297,13 +326,12 @@ def format_table(result: dict) -> str:
         lines.append(f"{s['path'][-34:]:<34} {s['precision']:<9} skipped: {s['reason']}")
     if result["results"]:
         labels = list(result["results"][0]["per_class_iou"])
-        lines += ["", "per-class IoU", f"{'class':<16}" + "".join(f"{r['precision'] + ('/' + r['target'] if r.get('target') else ''):>16}"
-                                                                 for r in result["results"])]
+        lines += ["", "per-class IoU", f"{'class':<16}" + "".join(f"{_column(r):>16}" for r in result["results"])]
         for lab in labels:
             vals = [r["per_class_iou"].get(lab) for r in result["results"]]
             lines.append(f"{lab[:16]:<16}" + "".join(f"{'n/a' if v is None else f'{v:.4f}':>16}" for v in vals))
     return "\n".join(lines)
 
 
-__all__ = ["EvalSet", "load_eval_set", "onnx_runner", "torch_runner", "class_map", "predict", "score", "agreement",
+__all__ = ["EvalSet", "load_eval_set", "onnx_runner", "engine_runner", "artifact_runner", "torch_runner", "class_map", "predict", "score", "agreement",
            "pseudo_score", "noise_ratio", "default_eval_split", "evaluate_bundle", "evaluate_checkpoint", "format_table"]

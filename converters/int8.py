@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from edgeseg.errors import ConversionError, option
+
 log = logging.getLogger("edgeseg.convert")
 
 
@@ -49,7 +51,8 @@ def int8_inputs(bundle, data, eval_data=None, *, max_miou_drop: float = 0.5, max
     from calibration.sensitivity import Evaluator
 
     if data is None:
-        raise _error("INT8 needs calibration frames: pass calib=<image folder, video or dataset> (--calib)")
+        raise ConversionError(f"INT8 needs calibration frames: pass {option('calib')} with an image folder, a video or a dataset "
+                              "(synthetic:train, voc:/path ...)")
     budget = check_budget(max_miou_drop)
     fp32 = bundle.select("onnxruntime", "fp32")
     bundle.verify_artifact(fp32)
@@ -60,11 +63,6 @@ def int8_inputs(bundle, data, eval_data=None, *, max_miou_drop: float = 0.5, max
         evaluator = Evaluator(evalset, man.preprocess, man.labels, man.output_kind, bundle.artifact_path(fp32),
                               sensitivity_frames=1)
     return Int8Inputs(calib, evaluator, budget)
-
-
-def engine_runner(engine) -> Callable:
-    """batch -> first output of an engine (what the evaluator and parity checks call)."""
-    return lambda x: next(iter(engine.infer(x).values()))
 
 
 @contextmanager
@@ -88,10 +86,4 @@ def install(bundle, staged: Path, artifact) -> None:
     bundle.save()
 
 
-def _error(message: str):
-    from edgeseg.errors import ConversionError
-
-    return ConversionError(message)
-
-
-__all__ = ["Int8Inputs", "int8_inputs", "engine_runner", "staging", "install"]
+__all__ = ["Int8Inputs", "int8_inputs", "staging", "install"]

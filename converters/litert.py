@@ -24,18 +24,16 @@ says so.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from edgeseg import progress
 from edgeseg.bundle import Artifact, Bundle
-from edgeseg.errors import ConversionError
+from edgeseg.errors import ConversionError, option
 
 log = logging.getLogger("edgeseg.convert")
 
@@ -50,7 +48,7 @@ def artifact_name(precision: str) -> str:
 
 def add_litert(bundle, model, precision: str = "fp32", *, fold_normalization: bool = False, argmax: bool = False,
                calib: Any = None, eval_data: Any = None, max_miou_drop: float = 0.5, max_images: int = 300,
-               eval_max_images: int = 200, progress: Callable[[str], None] | None = None) -> list[dict]:
+               eval_max_images: int = 200, report: Callable[[str], None] | None = None) -> list[dict]:
     """Convert `model` (the torch network the bundle's ONNX graph came from) to `model.fp32.tflite`,
     then quantize it to `precision`; returns the manifest entries written."""
     if precision not in PRECISIONS:
@@ -60,11 +58,12 @@ def add_litert(bundle, model, precision: str = "fp32", *, fold_normalization: bo
                               "not an ONNX file: pass the checkpoint, 'default' or package.module:factory")
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
     if precision == "int8" and calib is None:
-        raise ConversionError("INT8 needs calibration frames: pass calib=<image folder, video or dataset> (--calib)")
-    entries = [_convert_fp32(bundle, model, fold_normalization, argmax, progress or log.info)]
+        raise ConversionError(f"INT8 needs calibration frames: pass {option('calib')} with an image folder, a video or a dataset "
+                              "(synthetic:train, voc:/path ...)")
+    entries = [_convert_fp32(bundle, model, fold_normalization, argmax, report or log.info)]
     if precision != "fp32":
         entries.append(quantize_litert(bundle, precision, calib=calib, eval_data=eval_data, max_miou_drop=max_miou_drop,
-                                       max_images=max_images, eval_max_images=eval_max_images, progress=progress))
+                                       max_images=max_images, eval_max_images=eval_max_images, report=report))
     return entries
 
 
@@ -88,7 +87,7 @@ def _convert_fp32(bundle, model, fold_normalization: bool, argmax: bool, say) ->
     with staging(bundle) as work:
         staged = work / name
         try:
-            with _quiet():
+            with progress.phase("litert: convert"), _quiet():
                 litert_torch.convert(deployed.eval(), sample_kwargs={man.input_name: sample}).export(str(staged))
         except Exception as e:  # torch.export or the LiteRT lowering names what it cannot take
             raise ConversionError(f"litert-torch cannot convert the network: {type(e).__name__}: {_first_line(e)}") from None
@@ -98,12 +97,13 @@ def _convert_fp32(bundle, model, fold_normalization: bool, argmax: bool, say) ->
 
 
 def quantize_litert(bundle, precision: str = "int8", *, calib: Any = None, eval_data: Any = None, max_miou_drop: float = 0.5,
-                    max_images: int = 300, eval_max_images: int = 200, progress: Callable[[str], None] | None = None) -> dict:
+                    max_images: int = 300, eval_max_images: int = 200, report: Callable[[str], None] | None = None) -> dict:
     """Quantize the bundle's `model.fp32.tflite` to fp16 weights or full-integer int8 with the LiteRT quantizer."""
-    from converters.int8 import engine_runner, install, int8_inputs, staging
+    from calibration.evaluate import engine_runner
+    from converters.int8 import install, int8_inputs, staging
     from converters.parity import check_parity
 
-    say = progress or log.info
+    say = report or log.info
     if precision not in ("fp16", "int8"):
         raise ConversionError(f"the LiteRT quantizer writes fp16 or int8, not {precision!r}")
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
@@ -132,12 +132,12 @@ def quantize_litert(bundle, precision: str = "int8", *, calib: Any = None, eval_
         qt.load_quantization_recipe(recipe.static_wi8_ai8())
         info.update(recipe="static_wi8_ai8", calibration_frames=len(inputs.calib), calibration_data=inputs.calib.description)
         say(f"litert: calibrating the LiteRT quantizer on {len(inputs.calib)} frames of {inputs.calib.description}")
-        with _quiet():
+        with progress.phase("litert: calibrate"), _quiet():
             qsv = qt.calibrate({SIGNATURE: [{bundle.manifest.input_name: x} for x in inputs.calib.inputs]})
     name = artifact_name(precision)
     with staging(bundle) as work:
         staged = work / name
-        with _quiet():
+        with progress.phase(f"litert: quantize to {precision}"), _quiet():
             qt.quantize(qsv).export_model(str(staged))
         if META_KEY not in read_metadata_entries(staged):
             write_metadata(staged, _metadata(bundle.manifest))
@@ -256,12 +256,9 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
-@contextlib.contextmanager
 def _quiet():
-    """litert-torch and the quantizer print progress bars and reports on stdout; keep the CLI's output ours."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
+    """litert-torch and the quantizer print progress bars and reports on stdout."""
+    return progress.quiet_third_party()
 
 
 def _first_line(e: BaseException) -> str:

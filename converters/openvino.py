@@ -28,8 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-
+from edgeseg import progress
 from edgeseg.bundle import Artifact, Bundle
 from edgeseg.errors import ConversionError
 
@@ -45,12 +44,12 @@ def artifact_name(precision: str) -> str:
 
 def add_openvino(bundle, precision: str = "fp32", *, calib: Any = None, eval_data: Any = None,
                  max_miou_drop: float = 0.5, max_images: int = 300, eval_max_images: int = 200,
-                 progress: Callable[[str], None] | None = None) -> dict:
+                 report: Callable[[str], None] | None = None) -> dict:
     """Add an OpenVINO IR of `precision` to a bundle with an FP32 ONNX model; returns its manifest entry."""
-    from converters.int8 import engine_runner, install, int8_inputs, staging
+    from converters.int8 import install, int8_inputs, staging
     from converters.parity import check_parity
 
-    say = progress or log.info
+    say = report or log.info
     if precision not in PRECISIONS:
         raise ConversionError(f"precision {precision!r} is not available for OpenVINO; choose one of {', '.join(PRECISIONS)}")
     ov, nncf = _import(precision)
@@ -64,7 +63,8 @@ def add_openvino(bundle, precision: str = "fp32", *, calib: Any = None, eval_dat
     t0 = time.perf_counter()
     say(f"openvino: converting {fp32.path}")
     try:
-        model = ov.convert_model(str(onnx_path))
+        with progress.phase("openvino: convert"), progress.quiet_third_party():
+            model = ov.convert_model(str(onnx_path))
     except Exception as e:  # OpenVINO's frontend names the unsupported operator
         raise ConversionError(f"OpenVINO cannot convert {onnx_path}: {_first_line(e)}") from None
     _set_metadata(model, man)
@@ -89,12 +89,13 @@ def add_openvino(bundle, precision: str = "fp32", *, calib: Any = None, eval_dat
 
 def _quantize(ov, nncf, model, inputs, work: Path, say) -> tuple[Any, dict, dict]:
     """NNCF PTQ; accuracy-controlled PTQ when plain INT8 misses the budget. Returns (model, info, metrics)."""
-    from converters.int8 import engine_runner
+    from calibration.evaluate import engine_runner
 
     calib = inputs.calib
     dataset = nncf.Dataset(calib.inputs)
     say(f"openvino: NNCF post-training quantization on {len(calib)} frames of {calib.description}")
-    quantized = nncf.quantize(model, dataset, subset_size=len(calib))
+    with progress.phase("openvino: NNCF quantize"), progress.quiet_third_party():
+        quantized = nncf.quantize(model, dataset, subset_size=len(calib))
     full = None
     info: dict[str, Any] = {"method": "nncf.quantize", "calibration_frames": len(calib), "calibration_data": calib.description,
                             "nncf": nncf.__version__}
@@ -108,9 +109,10 @@ def _quantize(ov, nncf, model, inputs, work: Path, say) -> tuple[Any, dict, dict
     float_layers: list[str] = []
     if full is not None and full["miou_drop_points"] > inputs.budget:
         say("openvino: over budget: NNCF quantize_with_accuracy_control returns the layers that cost most to float")
-        restored = nncf.quantize_with_accuracy_control(
-            model, dataset, _validation_dataset(nncf, inputs.evaluator), _validation_fn(inputs.evaluator),
-            max_drop=inputs.budget / 100.0, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib))
+        with progress.phase("openvino: NNCF accuracy control"), progress.quiet_third_party():
+            restored = nncf.quantize_with_accuracy_control(
+                model, dataset, _validation_dataset(nncf, inputs.evaluator), _validation_fn(inputs.evaluator),
+                max_drop=inputs.budget / 100.0, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib))
         float_layers = sorted(set(_quantizers(quantized)) - set(_quantizers(restored)))
         quantized = restored
         info["method"] = "nncf.quantize_with_accuracy_control"

@@ -1,8 +1,10 @@
-"""edgeseg calibrate BUNDLE --data D [--method entropy] [--target tensorrt|cpu|both] [--max-miou-drop 0.5] [--eval-data D2]"""
+"""edgeseg calibrate BUNDLE --data D [--method entropy] [--target tensorrt|cpu|both|openvino|litert] [--max-miou-drop 0.5] [--eval-data D2]"""
 from __future__ import annotations
 
 import argparse
 import logging
+
+ENGINE_TARGETS = ("openvino", "litert")  # engines that quantize their own format (converters/)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -10,8 +12,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True,
                    help="calibration frames: image folder, video file, or dataset spec (synthetic:train, voc:/path ...)")
     p.add_argument("--method", choices=("minmax", "percentile", "entropy"), default="entropy", help="range method (default entropy)")
-    p.add_argument("--target", choices=("tensorrt", "cpu", "both"), default="both",
-                   help="tensorrt: symmetric int8 Q/DQ for TensorRT; cpu: uint8/int8 Q/DQ for ONNX Runtime on x86 (default both)")
+    p.add_argument("--target", choices=("tensorrt", "cpu", "both") + ENGINE_TARGETS, default="both",
+                   help="tensorrt: symmetric int8 Q/DQ for TensorRT; cpu: uint8/int8 Q/DQ for ONNX Runtime on x86 (default both); "
+                        "openvino: an NNCF INT8 IR (accuracy control within the budget); litert: full-integer INT8 .tflite "
+                        "from the bundle's model.fp32.tflite (the LiteRT quantizer)")
     p.add_argument("--max-miou-drop", type=float, default=0.5, metavar="POINTS",
                    help="accuracy budget in mIoU points; layers stay in float until INT8 meets it (default 0.5)")
     p.add_argument("--eval-data", help="held-out labelled data (default: synthetic:test for synthetic calibration data, "
@@ -31,6 +35,10 @@ def run(args) -> int:
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", CalibrationWarning)  # printed as one line by the CLI
+        if args.target in ENGINE_TARGETS:
+            entry = _engine_int8(args)
+            print(format_engine_summary(args.bundle, args.target, entry))
+            return 1 if entry["metrics"].get("within_budget") is False else 0
         summary = calibrate_bundle(
             args.bundle, args.data, method=args.method, target=args.target, max_miou_drop=args.max_miou_drop,
             eval_data=args.eval_data, max_images=args.max_images, eval_max_images=args.eval_max_images,
@@ -50,6 +58,40 @@ def steps(message: str) -> None:
         progress.write(f"  {message}")
     else:
         logging.getLogger("edgeseg.calibration").info(message)
+
+
+def _engine_int8(args) -> dict:
+    options = dict(calib=args.data, eval_data=args.eval_data, max_miou_drop=args.max_miou_drop, max_images=args.max_images,
+                   eval_max_images=args.eval_max_images, report=steps)
+    if args.target == "openvino":
+        from converters.openvino import add_openvino
+
+        return add_openvino(args.bundle, "int8", **options)
+    from converters.litert import quantize_litert
+
+    return quantize_litert(args.bundle, "int8", **options)
+
+
+def format_engine_summary(bundle: str, target: str, e: dict) -> str:
+    """An OpenVINO or LiteRT INT8 artifact: accuracy against FP32, per class, and parity."""
+    m, info = e["metrics"], e["info"]
+    lines = [f"{bundle}: {target} INT8 ({info.get('method') or info.get('recipe')}) from {m['calibration_frames']} frames "
+             f"of {info.get('calibration_data')}"]
+    p = e["parity"]
+    parity = f"parity vs FP32 ONNX on {p['frames']} frames: mask agreement {100 * p['mask_agreement']:.2f}%, max |Δlogit| {p.get('max_abs', float('nan')):.3g}"
+    if not m.get("accuracy_measured"):
+        return "\n".join(lines + ["accuracy not measured (no held-out frames); pass --eval-data", parity, f"wrote {e['artifact']}"])
+    ok = "ok" if m["within_budget"] else "MISSED"
+    lines += [f"evaluated on {m['eval_frames']} held-out frames of {m['eval_data']} ({m['metric']}); budget {m['max_miou_drop_points']:.2f} pts",
+              f"{'artifact':<26} {'FP32':>7} {'all INT8':>9} {'final':>7} {'drop pts':>8} {'agree':>7} {'float layers':>12}  budget",
+              f"{e['artifact']:<26} {m['miou_fp32']:>7.4f} {m['miou_all_layers_int8']:>9.4f} {m['miou_int8']:>7.4f} "
+              f"{m['miou_drop_points']:>8.2f} {m['agreement_with_fp32']:>7.4f} {len(m['float_layers']):>12}  {ok}"]
+    lines += [f"{'':<9} float: {name}" for name in m["float_layers"]]
+    lines += ["", f"{'class':<16} {'FP32 IoU':>9} {'INT8 IoU':>9}"]
+    for label, v in m["per_class_iou_fp32"].items():
+        q = m["per_class_iou_int8"].get(label)
+        lines.append(f"{label[:16]:<16} {'n/a' if v is None else f'{v:.4f}':>9} {'n/a' if q is None else f'{q:.4f}':>9}")
+    return "\n".join(lines + ["", parity, f"wrote {e['artifact']}"])
 
 
 def format_summary(s: dict) -> str:

@@ -1,21 +1,23 @@
-"""edgeseg convert MODEL --to onnx|coreml [--precision P] --out BUNDLE"""
+"""edgeseg convert MODEL --to onnx|coreml|openvino|litert [--precision P] --out BUNDLE"""
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
 
-from edgeseg.api import COREML_PRECISIONS, ONNX_PRECISIONS
+from edgeseg.api import COREML_PRECISIONS, LITERT_PRECISIONS, ONNX_PRECISIONS, OPENVINO_PRECISIONS, TARGETS
 from edgeseg.errors import ConversionError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="'default' (the embedded trained model), a zoo architecture (untrained: unet, lraspp_mobilenetv3 ...), "
                                  "a checkpoint (.pt), TorchScript, ONNX file, or package.module:factory (from the current folder)")
-    p.add_argument("--to", choices=("onnx", "coreml"), default="onnx",
-                   help="onnx (ONNX Runtime, and TensorRT via `edgeseg build`) or coreml (iPhone, Mac); default onnx")
+    p.add_argument("--to", choices=TARGETS, default="onnx",
+                   help="onnx (ONNX Runtime, and TensorRT via `edgeseg build`), coreml (iPhone, Mac), openvino (Intel CPU, "
+                        "GPU, NPU) or litert (Android); openvino and litert artifacts are added beside model.onnx; default onnx")
     p.add_argument("--precision", default=None,
-                   help=f"onnx: {', '.join(ONNX_PRECISIONS)} (default fp32); coreml: {', '.join(COREML_PRECISIONS)} (default fp16)")
+                   help=f"onnx: {', '.join(ONNX_PRECISIONS)} (default fp32); coreml: {', '.join(COREML_PRECISIONS)} (default fp16); "
+                        f"openvino: {', '.join(OPENVINO_PRECISIONS)}; litert: {', '.join(LITERT_PRECISIONS)} (default fp32)")
     p.add_argument("--out", required=True, help="bundle folder to write")
     p.add_argument("--input-size", nargs=2, type=int, metavar=("H", "W"), help="network input size (default: the model's)")
     p.add_argument("--dynamic", action="store_true", help="symbolic batch, height and width")
@@ -26,13 +28,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword for a factory (repeatable)")
     p.add_argument("--exporter", choices=("auto", "torchscript", "dynamo"), default="auto",
                    help="torch's ONNX exporter (default auto: TorchScript, then dynamo if it fails)")
-    q = p.add_argument_group("int8 (onnx)")
+    q = p.add_argument_group("int8")
     q.add_argument("--calib", help="calibration frames: image folder, video or dataset spec (needed for int8)")
-    q.add_argument("--method", choices=("minmax", "percentile", "entropy"), default="entropy", help="range method (default entropy)")
+    q.add_argument("--method", choices=("minmax", "percentile", "entropy"), default="entropy", help="onnx: range method (default entropy)")
     q.add_argument("--target", choices=("tensorrt", "cpu", "both"), default="both",
-                   help="INT8 graph for TensorRT, for ONNX Runtime on x86 CPUs, or both (default)")
+                   help="onnx: INT8 graph for TensorRT, for ONNX Runtime on x86 CPUs, or both (default)")
     q.add_argument("--eval-data", help="held-out labelled data to measure INT8 accuracy on (as for `edgeseg calibrate`)")
-    q.add_argument("--max-miou-drop", type=float, default=0.5, help="accuracy budget in mIoU points")
+    q.add_argument("--max-miou-drop", type=float, default=0.5,
+                   help="accuracy budget in mIoU points (onnx: layers stay float until it holds; openvino: NNCF's "
+                        "accuracy control; litert: reported, the LiteRT quantizer has no fallback)")
     c = p.add_argument_group("coreml")
     c.add_argument("--output", choices=("logits", "probs", "mask"), default="logits", help="CoreML output kind")
     c.add_argument("--deployment-target", default="iOS17", help="minimum deployment target (iOS16, iOS17, iOS18, macOS14 ...)")
@@ -69,14 +73,17 @@ def parse_model_args(items: list[str]) -> dict:
 def run(args) -> int:
     from edgeseg.api import convert
 
-    precision = args.precision or ("fp32" if args.to == "onnx" else "fp16")
+    precision = args.precision or ("fp16" if args.to == "coreml" else "fp32")
     kw = dict(labels=parse_labels(args.labels), model_args=parse_model_args(args.model_arg))
     if args.input_size:
         kw["input_size"] = tuple(args.input_size)
-    if args.to == "onnx":
+    if args.to != "coreml":
+        if args.to == "litert" and args.dynamic:
+            raise ConversionError("--dynamic does not apply to --to litert: LiteRT models here have a fixed input size "
+                                  "(XNNPACK plans for it); convert with --input-size H W instead")
         kw.update(dynamic=args.dynamic, fold_normalization=args.fold_normalization, argmax=args.argmax,
                   opset=args.opset, exporter=args.exporter)
-        bundle = convert(args.model, args.out, to="onnx", precision=precision, calib=args.calib, eval_data=args.eval_data,
+        bundle = convert(args.model, args.out, to=args.to, precision=precision, calib=args.calib, eval_data=args.eval_data,
                          calib_method=args.method, calib_target=args.target, max_miou_drop=args.max_miou_drop, **kw)
     else:
         if args.coreml_size:
@@ -86,7 +93,10 @@ def run(args) -> int:
     print(f"wrote {bundle.path}")
     for art in bundle.manifest.artifacts:
         print("  " + describe_artifact(art))
-    return 0
+    over = [a.path for a in bundle.manifest.artifacts if a.metrics.get("within_budget") is False]
+    if over:
+        print(f"over the {args.max_miou_drop:.2f}-point accuracy budget: {', '.join(over)}")
+    return 1 if over else 0
 
 
 def describe_artifact(art) -> str:
@@ -101,6 +111,8 @@ def describe_artifact(art) -> str:
     m = art.metrics
     if "miou" in m:
         parts.append(f"mIoU={m['miou']:.4f}")
+    if m.get("miou_int8") is not None:
+        parts.append(f"mIoU={m['miou_int8']:.4f} ({-m['miou_drop_points']:+.2f} pts vs FP32)")
     if "size_bytes" in m:
         parts.append(f"size={m['size_bytes'] / 1e6:.2f} MB")
     return "  ".join(parts)

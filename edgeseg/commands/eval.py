@@ -9,7 +9,7 @@ from edgeseg.errors import EdgesegError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a bundle folder (every artifact ONNX Runtime runs here) or a checkpoint (.pt, torch)")
+    p.add_argument("model", help="a bundle folder (every artifact this machine runs, each with its own engine) or a checkpoint (.pt, torch)")
     p.add_argument("--data", required=True,
                    help="held-out labelled data: synthetic:test?n=200, voc:/path, cityscapes:/path, a folder with images/ and masks/ ...")
     p.add_argument("--max-images", type=int, default=200, help="frames to evaluate, spread over the data (default 200; 0 = all)")

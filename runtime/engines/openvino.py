@@ -9,10 +9,11 @@ converters/openvino.py) on an Intel or AMD CPU, an Intel GPU or NPU, or wherever
 model, AUTO included. The model is compiled for latency (one stream, one request at a time),
 which is how the pipeline calls it.
 
-Precision: an FP32 IR runs in f32 on the CPU. OpenVINO's CPU default is bf16 on processors with
-AVX-512 BF16 or AMX, which would make "fp32" mean something else from one machine to the next; the
-FP16 and INT8 IRs keep the device's default for their float parts (bf16 there, else f32), which is
-what they are for. `inference_precision` ("f32", "bf16", "f16") overrides both.
+Precision: FP32 and INT8 IRs run their float operations in f32 on the CPU. OpenVINO's CPU default
+is bf16 on processors with AVX-512 BF16 or AMX, which would make "fp32" mean something else from
+one machine to the next, and NNCF measures INT8 accuracy with f32 float parts: what is deployed is
+what was measured. FP16 IRs keep the device's default (bf16 there, else f32; FP16 on GPUs and
+NPUs), which is what they are for. `inference_precision` ("f32", "bf16", "f16") overrides it.
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ class OpenVINOEngine(EngineIO):
         if wanted != "AUTO" and not any(d.split(".")[0] == wanted for d in present):
             raise EngineError(f"OpenVINO finds no {wanted} device on this machine (it has: {', '.join(present) or 'none'}); "
                               "use device=CPU or AUTO")
-        if inference_precision is None and precision == "fp32":
+        if inference_precision is None and precision in ("fp32", "int8"):
             inference_precision = "f32"
         cpu: dict = {}
         if threads:
