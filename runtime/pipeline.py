@@ -15,6 +15,12 @@ by bounded queues; the consumer (the caller's thread) runs the sinks and the app
   decode or resize that preempts one engine thread stalls them all. Lowered, those stages run
   in the gaps the engine leaves instead. A live source's capture keeps its priority (the newest
   frame must be taken when it arrives); the engine thread and the consumer keep the caller's.
+* Which configuration is fastest depends on the model and the machine: a light model streams
+  faster with one engine thread fewer (the freed core decodes and postprocesses), a heavy one
+  wants every core; lowered stages help one and hurt the other. So `Tuner` measures the few
+  candidate `Config`s (engine threads x stage priority) on the first frames of a stream, each
+  in a short pipeline of its own, twice in turn, and keeps the fastest for the rest; every
+  frame of the trials is delivered as usual (`benchmarks/pipeline_efficiency.py` measures it).
 * Shutdown (end of stream, an error in any stage, Ctrl-C or the consumer stopping early) sets
   one event; every blocking wait polls it, the source is interrupted, and all threads are joined
   with timeouts, so none is left behind. The first error is re-raised in the consumer.
@@ -152,14 +158,16 @@ class Pipeline:
 
     def __init__(self, source: Source, preprocess: Callable, infer: Callable, postprocess: Callable,
                  stats: Stats | None = None, max_frames: int | None = None, queue_size: int = 2,
-                 join_timeout: float = 5.0, stage_nice: int = STAGE_NICE):
+                 join_timeout: float = 5.0, stage_nice: int = STAGE_NICE, keep_source: bool = False):
         self.source = source
+        self.keep_source = bool(keep_source)  # a tuning trial: the next pipeline reads on from the same source
         self.stage_nice = check_stage_nice(stage_nice)
         self.stats = stats if stats is not None else Stats()
         self.max_frames = None if max_frames is None or max_frames <= 0 else int(max_frames)
         self.live = bool(source.live)
         self.join_timeout = float(join_timeout)
         self._stop = threading.Event()
+        self._finish = threading.Event()
         self._error: BaseException | None = None
         self._error_lock = threading.Lock()
         # live: newest frame wins, and short queues after it so nothing stale piles up
@@ -208,8 +216,12 @@ class Pipeline:
         """Ask every stage to finish (non-blocking)."""
         self._stop.set()
         interrupt = getattr(self.source, "interrupt", None)
-        if interrupt is not None:
+        if interrupt is not None and not self.keep_source:
             interrupt()
+
+    def finish(self) -> None:
+        """Read no more frames; those already read still go through every stage and are delivered."""
+        self._finish.set()
 
     def close(self) -> None:
         """Stop and join every thread, then release the source. Safe to call more than once."""
@@ -222,7 +234,8 @@ class Pipeline:
             if t.is_alive():
                 t.join(max(0.0, deadline - time.monotonic()))
         try:
-            self.source.close()
+            if not self.keep_source:
+                self.source.close()
         except Exception as e:  # closing must not hide the error that stopped the stream
             log.warning("closing %s: %s", getattr(self.source, "uri", self.source), e)
         for t in self._threads:
@@ -243,7 +256,7 @@ class Pipeline:
         try:
             if not self.live:
                 lower_thread_priority(self.stage_nice)
-            while not self._stop.is_set():
+            while not self._stop.is_set() and not self._finish.is_set():
                 if not self.live and self.max_frames is not None and n >= self.max_frames:
                     break
                 t0 = time.perf_counter()
@@ -251,6 +264,8 @@ class Pipeline:
                 t1 = time.perf_counter()
                 if frame is None or self._stop.is_set():
                     break
+                if self._finish.is_set() and self.live:
+                    break  # a live frame read after the trial ended: the next pipeline takes a newer one
                 n += 1
                 self.stats.count("frames_in")
                 self._sync_source_counters()
@@ -304,4 +319,123 @@ class Pipeline:
             raise self._error
 
 
-__all__ = ["Pipeline", "Work", "LatestSlot", "BoundedQueue", "PipelineError", "STAGE_NICE", "check_stage_nice", "lower_thread_priority"]
+# -- choosing the configuration --------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    """How the stages share the CPU: engine threads (None: the engine's own default) and how much
+    lower than the engine the other stages run."""
+
+    threads: int | None
+    stage_nice: int
+
+    def to_dict(self) -> dict:
+        return {"threads": self.threads if self.threads is not None else "engine default", "stage_nice": self.stage_nice}
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def candidate_configs(threads: int | None = None, stage_nice: int | None = None, cores: int | None = None,
+                      vary_threads: bool = True) -> list[Config]:
+    """The configurations worth measuring; a value the caller fixed is not varied (nor threads
+    when `vary_threads` is False). The first is the untuned default (the engine's threads, the
+    other stages lowered)."""
+    cores = cores or usable_cores()
+    if threads is not None or not vary_threads:
+        thread_options = [threads]
+    else:  # every core, one fewer (a core left to decoding and postprocessing), half on big machines
+        thread_options = [None] + ([cores - 1] if cores > 1 else []) + ([cores // 2] if cores >= 6 else [])
+    nice_options = [check_stage_nice(stage_nice)] if stage_nice is not None else [STAGE_NICE, 0]
+    return [Config(t, n) for t in thread_options for n in nice_options]
+
+
+class Tuner:
+    """Chooses a `Config` on the first frames of a stream, then streams the rest with it.
+
+    Each candidate runs in a pipeline of its own (fresh threads, so a stage priority lowered by
+    one trial is not inherited by the next: raising it back needs privileges) on the same source,
+    for at least `min_frames` results and `min_seconds`; the candidates take turns, up to
+    `repeats` rounds, and each keeps its best rate (other programs can only slow a trial down, so
+    the best rate is the closest to what the configuration can do). After each round only those
+    within `keep_within` of the best go on. Ties within `tie` go to the earlier candidate.
+    Results of the trials are delivered like any other.
+
+    make(config, max_frames, keep_source) -> Pipeline builds the pipeline of one configuration.
+    """
+
+    def __init__(self, candidates: list[Config], min_frames: int = 8, min_seconds: float = 0.2, repeats: int = 3,
+                 tie: float = 0.02, keep_within: float = 0.85):
+        if not candidates:
+            raise PipelineError("Tuner needs at least one candidate configuration")
+        self.candidates, self.min_frames, self.min_seconds = list(candidates), int(min_frames), float(min_seconds)
+        self.repeats, self.tie, self.keep_within = int(repeats), float(tie), float(keep_within)
+        self.rates: dict[Config, list[float]] = {c: [] for c in self.candidates}
+        self.chosen: Config | None = None
+        self.trial_frames = 0
+
+    def run(self, make: Callable[[Config, int | None, bool], Pipeline], max_frames: int | None = None,
+            on_choice: Callable[[Config], None] | None = None) -> Iterator[Work]:
+        """Results of the trials, then of the chosen configuration; `on_choice(config)` is called
+        once the choice is made (before the first result streamed with it)."""
+        left = None if max_frames is None or max_frames <= 0 else int(max_frames)
+        done = on_choice or (lambda config: None)
+        alive = list(self.candidates)
+        if len(alive) > 1:
+            for _ in range(self.repeats):
+                for config in alive:
+                    delivered, ended = yield from self._trial(make(config, left, True), config)
+                    self.trial_frames += delivered
+                    if left is not None:
+                        left -= delivered
+                    if ended or left == 0:  # the source (or the frame budget) ran out while tuning
+                        self._choose()
+                        done(self.chosen)
+                        return
+                # the next round measures only the candidates still in the running
+                best = {c: max(self.rates[c]) for c in alive if self.rates[c]}
+                top = max(best.values(), default=0.0)
+                alive = [c for c in alive if best.get(c, top) >= self.keep_within * top]
+                if len(alive) == 1:
+                    break
+        self._choose()
+        done(self.chosen)
+        if left != 0:
+            yield from make(self.chosen, left, False)
+
+    def _trial(self, pipeline: Pipeline, config: Config):
+        """Stream until the trial has measured enough, then let the frames in flight drain."""
+        times: list[float] = []
+        finished_at = None
+        with pipeline:
+            for work in pipeline:
+                times.append(time.perf_counter())
+                if finished_at is None and len(times) >= self.min_frames and times[-1] - times[min(2, len(times) - 1)] >= self.min_seconds:
+                    pipeline.finish()
+                    finished_at = len(times)
+                yield work
+        measured = times[2:finished_at or len(times)]  # the first results include filling the pipeline
+        if len(measured) >= 2 and measured[-1] > measured[0]:
+            self.rates[config].append((len(measured) - 1) / (measured[-1] - measured[0]))
+        return len(times), finished_at is None  # not finished by us: the source ended
+
+    def _choose(self) -> None:
+        best = {c: max(r) for c, r in self.rates.items() if r}
+        if not best:
+            self.chosen = self.candidates[0]
+            return
+        top = max(best.values())
+        self.chosen = next(c for c in self.candidates if c in best and best[c] >= top * (1.0 - self.tie))
+
+    def summary(self) -> dict:
+        return {
+            "chosen": None if self.chosen is None else self.chosen.to_dict(),
+            "candidates": [{**c.to_dict(), "fps": [round(r, 1) for r in self.rates[c]]} for c in self.candidates],
+            "trial_frames": self.trial_frames,
+            "rule": "best rate of each candidate over its trials; ties within "
+                    f"{100 * self.tie:.0f}% go to the earlier candidate",
+        }
+
+
+__all__ = ["Pipeline", "Work", "LatestSlot", "BoundedQueue", "PipelineError", "STAGE_NICE", "check_stage_nice", "lower_thread_priority",
+           "Config", "Tuner", "candidate_configs", "usable_cores"]

@@ -31,7 +31,7 @@ from edgeseg.bundle import Bundle
 from edgeseg.errors import EdgesegError
 from edgeseg.spec import MAX_FRAME_PIXELS, FrameError, check_frame, check_nv12, frame_size_problem
 from runtime.engines.base import open_engine, resolve_backend
-from runtime.pipeline import STAGE_NICE, Pipeline, Work, check_stage_nice
+from runtime.pipeline import STAGE_NICE, Config, Pipeline, Tuner, Work, candidate_configs, check_stage_nice
 from runtime.postprocess import Postprocessor, SegmentationResult
 from runtime.legend import Legend
 from runtime.sinks import DisplaySink, ImageFileSink, ServerSink, Sink, SinkError, VideoSink, open_sink, parse_host_port
@@ -138,7 +138,16 @@ class Segmenter:
                 # idle ORT threads spin for work by default, taking the CPU the other stages need
                 engine_options.setdefault("spinning", False)
             engine = open_engine(self.bundle, self.backend, precision, **engine_options)
+            # more engines of the same artifact with other thread counts, for the stream's tuning
+            self._open_more = lambda threads: open_engine(self.bundle, self.backend, precision,
+                                                          **{**engine_options, "threads": threads})
+        else:
+            self._open_more = None
         self.engine = engine
+        self._threads = engine_options.get("threads")  # fixed by the caller, else tuned on CPU engines
+        self._engines = {self._threads: engine}
+        self._tuned: Config | None = None
+        self._tuning: dict | None = None
         self.precision = getattr(self.engine, "precision", precision)
         self.preprocess = m.preprocess
         self.labels, self.palette = list(m.labels), [list(c) for c in m.palette]
@@ -254,7 +263,8 @@ class Segmenter:
                stats_path=None, callback: Callable[[SegmentationResult], object] | None = None,
                alpha: float = 0.5, mode: str = "blend", render: Callable[[SegmentationResult], np.ndarray] | None = None,
                legend: bool = False, sinks: list | None = None, cv2_threads: int | None = 1, queue_size: int = 2,
-               stage_nice: int = STAGE_NICE, serve_token: str | None = None, **source_options) -> Iterator[SegmentationResult]:
+               stage_nice: int | None = None, tune: bool = True, serve_token: str | None = None,
+               **source_options) -> Iterator[SegmentationResult]:
         """Segment a source (URI, path, camera index or `Source`) with capture, preprocessing,
         inference and postprocessing overlapping in threads; yields results in order.
 
@@ -267,10 +277,13 @@ class Segmenter:
         cv2_threads: OpenCV threads while streaming (restored after): the stages already run in
         parallel, and OpenCV's own pool would only contend with the engine's threads.
         stage_nice: how much lower than the engine the other stages run (0: same priority; see
-        runtime.pipeline).
+        runtime.pipeline). tune: on an engine that computes on this CPU, the first frames of the
+        first stream measure the candidate engine threads and stage priorities (those the caller
+        did not fix) and the fastest is kept for the rest and for later streams
+        (`stats.info["tuning"]` says what was measured and chosen; runtime.pipeline.Tuner).
         Live sources drop stale frames (see `.stats`); others process every frame.
         """
-        pipeline_options = dict(queue_size=queue_size, stage_nice=check_stage_nice(stage_nice))
+        pipeline_options = dict(queue_size=queue_size, configs=self._configs(stage_nice, tune))
         opened: list[Sink] = []
         src = None
         try:
@@ -334,8 +347,7 @@ class Segmenter:
             def preprocess(w: Work):
                 return self._preprocess(w.frame.image)
 
-            def infer(w: Work):
-                return self._infer(w.data)
+            infer = None  # the engine of each configuration (make, below)
 
             def postprocess(w: Work):
                 r = post(w.data, w.frame.image.shape[:2], frame=w.frame.image, frame_index=w.frame.index,
@@ -347,7 +359,18 @@ class Segmenter:
         old_threads = cv2.getNumThreads()
         if cv2_threads is not None:
             cv2.setNumThreads(int(cv2_threads))
-        pipeline = Pipeline(src, preprocess, infer, postprocess, stats=stats, max_frames=max_frames, **pipeline_options)
+
+        def make(config: Config, frames: int | None, keep_source: bool) -> Pipeline:
+            run = infer
+            if run is None:
+                engine, output = self._engine_for(config.threads), self._output
+                run = lambda w: engine.infer(w.data)[output]  # noqa: E731
+            return Pipeline(src, preprocess, run, postprocess, stats=stats,
+                            max_frames=frames, queue_size=pipeline_options["queue_size"], stage_nice=config.stage_nice,
+                            keep_source=keep_source)
+
+        tuner = Tuner(pipeline_options["configs"])
+        pipeline = tuner.run(make, max_frames, on_choice=lambda c: self._keep(c, tuner, stats))
         for s in servers:
             s.publish_stats(stats.summary())
         last_server = last_file = time.perf_counter()
@@ -386,6 +409,10 @@ class Segmenter:
             pipeline.close()
             if self._gpu is not None:
                 self._gpu.reset()  # the threads are joined: frames left in flight are dropped, slots free again
+            try:
+                src.close()  # a stream stopped during tuning: the trial pipelines leave the source open
+            except Exception as e:
+                log.warning("closing %s: %s", getattr(src, "uri", src), e)
             errors = []
             for s in sinks:
                 try:
@@ -398,6 +425,36 @@ class Segmenter:
                 stats.save(stats_path)
             if errors:
                 log.warning("closing sinks: %s", "; ".join(map(str, errors)))
+
+    def _configs(self, stage_nice: int | None, tune: bool) -> list[Config]:
+        """The configurations the next stream measures (one: nothing to choose)."""
+        if stage_nice is not None:
+            check_stage_nice(stage_nice)
+        if self._tuned is not None:
+            return [Config(self._tuned.threads, self._tuned.stage_nice if stage_nice is None else stage_nice)]
+        if not (tune and getattr(self.engine, "on_cpu", False)):
+            return [Config(self._threads, STAGE_NICE if stage_nice is None else stage_nice)]
+        # threads vary unless the caller fixed them or gave an engine opened already
+        vary = self._threads is None and self._open_more is not None
+        return candidate_configs(self._threads, stage_nice, vary_threads=vary)
+
+    def _engine_for(self, threads: int | None):
+        if threads not in self._engines:
+            self._engines[threads] = self._open_more(threads)
+        return self._engines[threads]
+
+    def _keep(self, config: Config, tuner: Tuner, stats: Stats) -> None:
+        """The stream settled on `config`: it becomes the Segmenter's engine and configuration."""
+        self.engine = self._engine_for(config.threads)
+        for threads, engine in list(self._engines.items()):
+            if threads != config.threads:
+                engine.close()
+                del self._engines[threads]
+        stats.info.update(stage_nice=config.stage_nice, engine_threads=config.to_dict()["threads"])
+        if len(tuner.candidates) > 1:
+            self._tuned, self._tuning = config, tuner.summary()
+        if self._tuning is not None:
+            stats.info["tuning"] = self._tuning  # measured on this stream or on the first one
 
     def run(self, source, callback: Callable[[SegmentationResult], object] | None = None, **options) -> Stats:
         """Callback mode: stream `source` to the end (or until callback returns False); returns the stats."""
@@ -427,8 +484,9 @@ class Segmenter:
         gpu, self._gpu = getattr(self, "_gpu", None), None
         if gpu is not None:
             gpu.close()
-        engine, self.engine = getattr(self, "engine", None), None
-        if engine is not None:
+        engines = {id(e): e for e in [getattr(self, "engine", None), *getattr(self, "_engines", {}).values()] if e is not None}
+        self.engine, self._engines = None, {}
+        for engine in engines.values():  # the tuning may have opened one per thread count
             engine.close()
 
     def __enter__(self):

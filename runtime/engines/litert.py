@@ -101,6 +101,7 @@ class LiteRTEngine(EngineIO):
         self._in = _Tensor(*next(iter(ins.items())))
         self._outs = [_Tensor(n, d) for n, d in outs.items()]
         self.path, self.precision, self.xnnpack, self.signature = path, precision, xnnpack, key
+        self.on_cpu = True  # XNNPACK or the built-in kernels: the pipeline's stages share these cores
         # the interface every engine offers: the float batch in, float outputs back
         float_in = np.dtype(np.float32) if self._in.quantized else self._in.dtype
         self._inputs = [TensorInfo(self._in.name, self._in.shape, float_in)]

@@ -49,6 +49,8 @@ class OnnxRuntimeEngine(EngineIO):
         except Exception as e:
             raise EngineError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0]}; the file is damaged or not ONNX") from None
         self.path, self.precision = path, precision
+        # computing on this CPU: the pipeline's other stages compete with it for the cores (runtime.pipeline.Tuner)
+        self.on_cpu = all(p == "CPUExecutionProvider" for p in self.session.get_providers())
         self._inputs = [TensorInfo(i.name, tuple(i.shape), np.dtype(_ORT_TYPES.get(i.type, np.float32))) for i in self.session.get_inputs()]
         self._outputs = [TensorInfo(o.name, tuple(o.shape), np.dtype(_ORT_TYPES.get(o.type, np.float32))) for o in self.session.get_outputs()]
 

@@ -98,6 +98,8 @@ class OpenVINOEngine(EngineIO):
             raise EngineError(f"OpenVINO cannot load {path} on {device}: {str(e).strip().splitlines()[0][:300] if str(e) else type(e).__name__}; "
                               "the IR is damaged or the device does not support it") from None
         self.request = self.compiled.create_infer_request()
+        # computing on this CPU: the pipeline's other stages compete with it for the cores (runtime.pipeline.Tuner)
+        self.on_cpu = all(d.startswith("CPU") for d in self.compiled.get_property("EXECUTION_DEVICES"))
         self.path, self.precision, self.device, self.threads = path, precision, device, threads
         self.inference_precision = inference_precision or "device default"
         self._inputs = [_info(p) for p in self.compiled.inputs]
