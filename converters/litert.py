@@ -97,8 +97,14 @@ def _convert_fp32(bundle, model, fold_normalization: bool, argmax: bool, say) ->
 
 
 def quantize_litert(bundle, precision: str = "int8", *, calib: Any = None, eval_data: Any = None, max_miou_drop: float = 0.5,
-                    max_images: int = 300, eval_max_images: int = 200, report: Callable[[str], None] | None = None) -> dict:
-    """Quantize the bundle's `model.fp32.tflite` to fp16 weights or full-integer int8 with the LiteRT quantizer."""
+                    max_images: int = 300, eval_max_images: int = 200, float_ops: tuple[str, ...] = (),
+                    report: Callable[[str], None] | None = None) -> dict:
+    """Quantize the bundle's `model.fp32.tflite` to fp16 weights or full-integer int8 with the LiteRT quantizer.
+
+    float_ops: LiteRT operator names (HARD_SWISH, ...) to leave in float in an int8 model. Measured
+    here: XNNPACK runs an int8 HARD_SWISH so slowly that the full-integer default model is slower
+    than FP32, and faster than FP32 with HARD_SWISH in float (benchmarks/int8_cpu.py). The
+    default stays full-integer: what Android NPU and DSP delegates require."""
     from calibration.evaluate import engine_runner
     from converters.int8 import install, int8_inputs, staging
     from converters.parity import check_parity
@@ -130,7 +136,13 @@ def quantize_litert(bundle, precision: str = "int8", *, calib: Any = None, eval_
         qsv = None
     else:
         qt.load_quantization_recipe(recipe.static_wi8_ai8())
-        info.update(recipe="static_wi8_ai8", calibration_frames=len(inputs.calib), calibration_data=inputs.calib.description)
+        for op in float_ops:
+            if op not in quantizer.qtyping.TFLOperationName.__members__:
+                raise ConversionError(f"unknown LiteRT operator {op!r} in float_ops; e.g. HARD_SWISH, MEAN, RESIZE_BILINEAR")
+            qt.update_quantization_recipe(regex=".*", operation_name=quantizer.qtyping.TFLOperationName[op],
+                                          algorithm_key=quantizer.AlgorithmName.NO_QUANTIZE)
+        info.update(recipe="static_wi8_ai8" + (f" with {', '.join(float_ops)} in float" if float_ops else ""),
+                    float_ops=list(float_ops), calibration_frames=len(inputs.calib), calibration_data=inputs.calib.description)
         say(f"litert: calibrating the LiteRT quantizer on {len(inputs.calib)} frames of {inputs.calib.description}")
         with progress.phase("litert: calibrate"), _quiet():
             qsv = qt.calibrate({SIGNATURE: [{bundle.manifest.input_name: x} for x in inputs.calib.inputs]})

@@ -161,3 +161,16 @@ def test_cli_convert_run_eval(tmp_path):
     rows = {(x["backend"], x["precision"]): x for x in json.loads((tmp_path / "e.json").read_text())["results"]}
     assert rows[("litert", "fp32")]["agreement_with_fp32"] > 0.9999
     assert abs(rows[("litert", "int8")]["miou_drop_points"]) < 0.5, rows
+
+
+def test_int8_with_operators_left_in_float(lt_bundle, tmp_path):
+    path = tmp_path / "b"
+    shutil.copytree(lt_bundle.path, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        with pytest.raises(ConversionError, match="unknown LiteRT operator 'HARDSWISH'.*HARD_SWISH"):
+            quantize_litert(path, "int8", calib="synthetic:train?n=8", max_images=8, float_ops=("HARDSWISH",))
+        entry = quantize_litert(path, "int8", calib="synthetic:train?n=8", max_images=8, eval_max_images=8,
+                                float_ops=("RESIZE_BILINEAR",))
+    assert entry["info"]["float_ops"] == ["RESIZE_BILINEAR"] and "in float" in entry["info"]["recipe"]
+    assert entry["parity"]["mask_agreement"] > 0.9
