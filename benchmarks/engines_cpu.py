@@ -60,6 +60,8 @@ def pipeline_fps(bundle, variants, clip: str, frames: int, rounds: int, threads:
 
     options = {"threads": threads} if threads else {}
     segs = {v: Segmenter(bundle, backend=v[0], precision=v[1], **options) for v in variants}
+    for seg in segs.values():  # each chooses its configuration first, as a stream's first frames do
+        seg.tune(clip, loop=True)
     fps = {v: [] for v in variants}
     for _ in range(rounds):
         for v, seg in segs.items():

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -29,18 +28,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from variants import available_engines, cpu_description  # noqa: E402
+
 GOALS = {"mobile": 1.3, "resnet": 3.0}  # cpu-preset speed-up the project aims for
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    model = next((l.split(":", 1)[1].strip() for l in text.splitlines() if l.startswith("model name")), "unknown")
-    flags = next((l.split(":", 1)[1].split() for l in text.splitlines() if l.startswith("flags")), [])
-    vnni = [f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return f"{model}; {os.cpu_count()} logical cores; VNNI: {', '.join(vnni) or 'no'}"
 
 
 def build_models(names: list[str], size: int, workdir: Path) -> list[tuple[str, str, Path, object, object]]:
@@ -186,8 +176,6 @@ def main(argv=None) -> int:
     ap.add_argument("--engines", nargs="+", default=["onnxruntime", "openvino", "litert"],
                     help="onnxruntime (always), openvino, litert (default: all whose extras are installed)")
     args = ap.parse_args(argv)
-    from variants import available_engines
-
     have = available_engines()
     engines = [e for e in args.engines if e in have]
     for e in sorted(set(args.engines) - set(have)):
@@ -195,7 +183,7 @@ def main(argv=None) -> int:
 
     import onnxruntime as ort
 
-    print(f"CPU: {cpu_flags()}")
+    print(f"CPU: {cpu_description()}")
     print(f"onnxruntime {ort.__version__}, {args.threads} thread(s), median of {args.rounds} rounds x {args.runs} runs\n")
     rows = []
     with tempfile.TemporaryDirectory(prefix="int8-bench-") as tmp:

@@ -51,7 +51,6 @@ import numpy as np  # noqa: E402
 
 SPIN_SETTLE_S = 0.25
 GOAL = 0.95  # of the CPU ceiling
-TUNING_FRAMES = 600  # enough for the Segmenter's first stream to measure every candidate
 
 
 def plain_loop(bundle, clip: str, frames: int, same_output: bool, warmup: int = 5) -> float:
@@ -158,10 +157,8 @@ def measure(name: str, bundle, clip: str, frames: int, rounds: int, engine_optio
 
     seg = Segmenter(bundle, **engine_options)
     t0 = time.perf_counter()
-    for _ in seg.stream(clip):  # the first stream tunes; the bursts below run what it chose
-        pass
-    tuning = seg.stats.summary()["info"].get("tuning") or {"chosen": {"threads": engine_options.get("threads", "engine default"),
-                                                                      "stage_nice": seg.stats.info.get("stage_nice")}}
+    tuning = seg.tune(clip, loop=True) or {  # the bursts below run what it chose
+        "chosen": {"threads": engine_options.get("threads", "engine default"), "stage_nice": seg.stats.info.get("stage_nice")}}
     print(f"  [{name}] tuned in {time.perf_counter() - t0:.1f} s on {tuning.get('trial_frames', 0)} frames: {tuning['chosen']}"
           + "".join(f"\n      {c['threads']} threads, nice {c['stage_nice']}: {c['fps']} FPS" for c in tuning.get("candidates", [])),
           flush=True)
@@ -255,7 +252,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         from runtime.sources import write_synthetic_clip
 
-        clip = str(write_synthetic_clip(tmp / "clip720p.mp4", frames=max(args.frames + 20, TUNING_FRAMES), size=(720, 1280)))
+        clip = str(write_synthetic_clip(tmp / "clip720p.mp4", frames=args.frames + 20, size=(720, 1280)))
         models = [("default (LR-ASPP MobileNetV3-small, 256x256, 5 classes)", lambda out: convert("default", out))]
         if not args.skip_mobile:
             def mobile(out):

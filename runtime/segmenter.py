@@ -426,6 +426,17 @@ class Segmenter:
             if errors:
                 log.warning("closing sinks: %s", "; ".join(map(str, errors)))
 
+    def tune(self, source, max_frames: int = 1000, **options) -> dict | None:
+        """Stream `source` only until the tuning has chosen a configuration (or `max_frames`), and
+        return what it measured (None where there was nothing to choose). Later streams run the
+        choice from their first frame; benchmarks call this before they time."""
+        stream = self.stream(source, max_frames=max_frames, **options)
+        with stream:
+            for _ in stream:
+                if self._tuned is not None:
+                    break
+        return self._tuning
+
     def _configs(self, stage_nice: int | None, tune: bool) -> list[Config]:
         """The configurations the next stream measures (one: nothing to choose)."""
         if stage_nice is not None:

@@ -160,3 +160,21 @@ def test_what_the_caller_fixes_is_not_tuned(default_bundle):
     seg = Segmenter(default_bundle)
     list(seg.stream("synthetic://?frames=30&width=64&height=48", tune=False, stage_nice=0))
     assert seg.stats.info["stage_nice"] == 0
+
+
+def test_tune_stops_once_chosen_and_bench_reports_it(default_bundle):
+    import subprocess
+    import sys
+
+    from runtime.segmenter import Segmenter
+    from tests.conftest import ROOT
+
+    seg = Segmenter(default_bundle)
+    summary = seg.tune("synthetic://?frames=0&width=64&height=48")  # endless: tune() must stop by itself
+    assert summary is not None and summary["chosen"] == seg.stats.info["tuning"]["chosen"]
+    assert seg.tune("synthetic://?frames=0&width=64&height=48") == summary  # chosen already: nothing to measure
+    r = subprocess.run([sys.executable, "-m", "edgeseg.cli", "bench", str(default_bundle.path), "--frames", "20",
+                        "--source", "synthetic://?frames=400&width=64&height=48"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "tuned on" in r.stdout and "ratio" in r.stdout

@@ -2,7 +2,8 @@
 
 Engine-only: `infer` in a loop on one preprocessed frame. Pipeline: the full runtime (decode,
 preprocess, infer, postprocess to a class map at frame size) on a source, by default a 720p clip
-rendered from the synthetic scene generator into a temporary file. Imports no torch."""
+rendered from the synthetic scene generator into a temporary file, after the Segmenter has chosen
+its configuration on a first pass (CPU engines: runtime.pipeline.Tuner). Imports no torch."""
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,14 @@ def run(args) -> int:
         source = args.source
         if source is None:
             source = str(write_synthetic_clip(Path(tmp) / "clip720p.mp4", frames=frames + 10, size=(720, 1280)))
-        engine = seg.engine_fps(frames)
         options = {} if args.stage_nice is None else {"stage_nice": args.stage_nice}
+        # a CPU engine's first frames choose engine threads and stage priority; time what they chose
+        tuning = seg.tune(source, **options, **({"loop": True} if args.source is None else {}))
+        if tuning:
+            print("tuned on {trial_frames} frames: ".format(**tuning) + ", ".join(
+                f"{c['threads']} threads/nice {c['stage_nice']}: {max(c['fps']) if c['fps'] else '-'} FPS" for c in tuning["candidates"])
+                + f" -> {tuning['chosen']}")
+        engine = seg.engine_fps(frames)
         for _ in seg.stream(source, max_frames=frames, stats_path=args.stats_json, **options):
             pass
     s = seg.stats.summary()
