@@ -115,4 +115,9 @@ def describe_artifact(art) -> str:
         parts.append(f"mIoU={m['miou_int8']:.4f} ({-m['miou_drop_points']:+.2f} pts vs FP32)")
     if "size_bytes" in m:
         parts.append(f"size={m['size_bytes'] / 1e6:.2f} MB")
+    info = art.info or {}
+    if info.get("signature"):  # LiteRT: what an app calls
+        q = info.get("input_quantization")
+        dtype = info.get("input_dtype", "") + (f" scale {q['scale']:.6g} zero point {q['zero_point']}" if q else "")
+        parts.append(f"signature {info['signature']}: {info.get('input')} ({dtype}) -> {', '.join(info.get('outputs') or [])}")
     return "  ".join(parts)
