@@ -67,23 +67,32 @@ def int8_inputs(bundle, data, eval_data=None, *, max_miou_drop: float = 0.5, max
 
 @contextmanager
 def staging(bundle) -> Iterator[Path]:
-    """A scratch folder inside the bundle (same file system, so moving out of it is atomic)."""
-    path = Path(tempfile.mkdtemp(prefix=".convert-", dir=bundle.path))
+    """A scratch folder inside the bundle (same file system, so moving out of it is atomic; one a
+    killed process leaves behind is removed by the next write)."""
+    path = bundle.staging_dir("convert")
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def install(bundle, staged: Path, artifact) -> None:
-    """Move a staged file or folder to `artifact.path` in the bundle atomically, record it with its
-    checksum and save the manifest last: a failure before this leaves the bundle as it was."""
-    from edgeseg.bundle import atomic_path
+def install(bundle, staged: Path, artifact, sources: list) -> None:
+    """Move a staged file or folder to `artifact.path` in the bundle atomically and record it with
+    its checksum, under the bundle's write lock and into the manifest as it is now (what another
+    writer added meanwhile stays); refused if an artifact it was made from (`sources`) was
+    replaced in the meantime. The manifest is saved last: a failure before leaves the bundle as it was."""
+    from edgeseg.bundle import Bundle, atomic_path
 
-    with atomic_path(bundle.path / artifact.path) as tmp:
-        os.replace(staged, tmp)
-    bundle.add_artifact(artifact)
-    bundle.save()
+    with Bundle.writing(bundle.path) as current:
+        for src in sources:
+            if not any(a.path == src.path and a.sha256 == src.sha256 for a in current.manifest.artifacts):
+                raise ConversionError(f"{bundle.path / src.path} was replaced while {artifact.path} was made from it "
+                                      "(by another `edgeseg convert`?); run the conversion again")
+        with atomic_path(current.path / artifact.path) as tmp:
+            os.replace(staged, tmp)
+        current.add_artifact(artifact)
+        current.save()
+    bundle.manifest = current.manifest
 
 
 __all__ = ["Int8Inputs", "int8_inputs", "staging", "install"]

@@ -93,7 +93,7 @@ def _convert_fp32(bundle, model, fold_normalization: bool, argmax: bool, say) ->
             raise ConversionError(f"litert-torch cannot convert the network: {type(e).__name__}: {_first_line(e)}") from None
         write_metadata(staged, _metadata(man))
         return _finish(bundle, staged, "fp32", fp32, {"source": "torch", "litert_torch": litert_torch.__version__}, {},
-                       t0, check_parity, install, say)
+                       t0, check_parity, install, say, sources=[fp32])
 
 
 def quantize_litert(bundle, precision: str = "int8", *, calib: Any = None, eval_data: Any = None, max_miou_drop: float = 0.5,
@@ -165,10 +165,12 @@ def quantize_litert(bundle, precision: str = "int8", *, calib: Any = None, eval_
                 f"(drop {final['miou_drop_points']:.2f} pts){ok}")
         elif inputs is not None:
             metrics = inputs.metrics(None, None, [], "litert")
-        return _finish(bundle, staged, precision, fp32, info, metrics, t0, check_parity, install, say)
+        return _finish(bundle, staged, precision, fp32, info, metrics, t0, check_parity, install, say,
+                       sources=[fp32, base[0]])
 
 
-def _finish(bundle, staged: Path, precision: str, fp32, info: dict, metrics: dict, t0: float, check_parity, install, say) -> dict:
+def _finish(bundle, staged: Path, precision: str, fp32, info: dict, metrics: dict, t0: float, check_parity, install, say,
+            sources: list) -> dict:
     from runtime.engines.litert import LiteRTEngine
 
     man = bundle.manifest
@@ -182,7 +184,7 @@ def _finish(bundle, staged: Path, precision: str, fp32, info: dict, metrics: dic
     metrics["size_bytes"] = staged.stat().st_size
     info.update(io_names, seconds=round(time.perf_counter() - t0, 1))
     art = Artifact(staged.name, "litert", precision, parity=parity, metrics=metrics, info=info)
-    install(bundle, staged, art)
+    install(bundle, staged, art, sources=sources)
     say(f"litert: wrote {art.path} (mask agreement with FP32 ONNX {100 * parity['mask_agreement']:.2f}%)")
     return {"artifact": art.path, "precision": precision, "parity": parity, "metrics": metrics, "info": info}
 

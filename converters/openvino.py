@@ -82,7 +82,7 @@ def add_openvino(bundle, precision: str = "fp32", *, calib: Any = None, eval_dat
         metrics["size_bytes"] = sum(p.stat().st_size for p in staged.iterdir())
         info.update(inference_precision=engine.inference_precision, seconds=round(time.perf_counter() - t0, 1))
         art = Artifact(name, "openvino", precision, parity=parity, metrics=metrics, info=info)
-        install(bundle, staged, art)
+        install(bundle, staged, art, sources=[fp32])
     say(f"openvino: wrote {name} (mask agreement with FP32 ONNX {100 * parity['mask_agreement']:.2f}%)")
     return {"artifact": name, "precision": precision, "parity": parity, "metrics": metrics, "info": info}
 
