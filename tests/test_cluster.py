@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import cv2
@@ -58,6 +59,11 @@ def plain(default_bundle, videos, tmp_path_factory):
 
 def pattern(videos) -> str:
     return str(videos / "**" / "*.*")
+
+
+def scratch_of(pids) -> list[str]:
+    """The folders that processes `pids` hold in the system's temporary folder (`scratch_dir`)."""
+    return [p.name for p in Path(tempfile.gettempdir()).iterdir() if any(p.name.startswith(f".edgeseg-tmp-{pid}-") for pid in pids)]
 
 
 def assert_same_outputs(results: Path, plain: dict, masks: bool = True) -> None:
@@ -120,12 +126,15 @@ def test_lost_worker_is_retried_and_the_result_is_complete(default_bundle, video
 
     def kill_first_worker(event):
         if event["event"] == "done" and not killed:  # that worker has its next task queued: kill it mid-run
+            assert scratch_of([event["pid"]]), "the worker's unpacked bundle is not where its successor looks"
             os.kill(event["pid"], signal.SIGKILL)
             killed.append(event["pid"])
 
     with BatchSegmenter(default_bundle.path, cluster=ray_address, workers=2, ship_sources=True) as batch:
         summary = batch.run(pattern(videos), tmp_path / "results", masks="png", progress=kill_first_worker)
     assert killed
+    # the killed worker's folders went when its successor started, the others' when the pool closed
+    assert scratch_of([killed[0]] + [pid for w in summary.workers for pid in w.pids]) == []
     assert summary.done == 6 and summary.failed == [], summary.format()
     assert summary.retried >= 1 and summary.restarts >= 1, summary.format()
     assert summary.source_bytes == sum(p.stat().st_size for p in videos.rglob("*.*") if p.suffix != ".txt")
@@ -284,16 +293,26 @@ def test_a_broken_video_is_reported_by_source(default_bundle, videos, tmp_path, 
     assert (tmp_path / "r" / "good.mp4" / "done.json").is_file() and not (tmp_path / "r" / "broken.mp4" / "done.json").exists()
 
 
-def test_worker_without_the_video_says_how_to_ship_it(default_bundle, tmp_path):
+def test_worker_without_the_video_says_how_to_ship_it(default_bundle, tmp_path, monkeypatch):
     from edgeseg.cluster.plan import OutputSpec, Source, Task
     from edgeseg.cluster.worker import SegmenterWorker, pack_bundle
 
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    # what a worker killed with its bundle unpacked leaves: a folder of a process that is gone
+    r = subprocess.run([sys.executable, "-c", "import sys; from edgeseg.files import make_temp_dir; "
+                        "print(make_temp_dir(sys.argv[1], 'bundle'))", str(scratch)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    stale = Path(r.stdout.strip())
+    assert stale.is_dir()
     worker = SegmenterWorker(pack_bundle(default_bundle))  # the bundle as a remote worker gets it
     try:
+        assert not stale.exists() and scratch_of([os.getpid()]) != []
         out = worker.process(Task(Source(str(tmp_path / "elsewhere.mp4"), "elsewhere.mp4", 10, 0)), OutputSpec(table="csv"))
     finally:
         worker.close()
     assert "is not on" in out["error"] and "have them shipped with the tasks" in out["error"] and out["not_here"]
+    assert list(scratch.iterdir()) == []  # the task's folder and the unpacked bundle are gone
 
 
 def test_a_video_the_worker_cannot_see_names_the_fix(default_bundle, videos, tmp_path):

@@ -16,9 +16,9 @@ import hashlib
 import os
 import shutil
 import socket
-import tempfile
 from pathlib import Path
 
+from edgeseg.cluster.worker import scratch_dir
 from edgeseg.errors import EdgesegError
 
 
@@ -26,7 +26,7 @@ class CandidateWorker:
     """One copy of the FP32 graph and the evaluator; quantizes and scores the candidates it is given."""
 
     def __init__(self, evaluator, model: bytes):
-        self._tmp = Path(tempfile.mkdtemp(prefix="edgeseg-calibrate-"))
+        self._tmp = scratch_dir("calibrate")
         self.model = self._tmp / "fp32.onnx"
         self.model.write_bytes(model)
         self.evaluator = evaluator

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from edgeseg.bundle import Bundle
-from edgeseg.cluster.worker import pack_bundle, unpack_bundle
+from edgeseg.cluster.worker import pack_bundle, scratch_dir, unpack_bundle
 
 log = logging.getLogger("edgeseg.cluster")
 
@@ -27,7 +26,7 @@ class EvalWorker:
     """A copy of the bundle and the shards of evaluation frames it is given."""
 
     def __init__(self, blob: bytes, threads: int | None = None):
-        self._tmp = Path(tempfile.mkdtemp(prefix="edgeseg-eval-"))
+        self._tmp = scratch_dir("eval")
         self.bundle = Bundle.load(unpack_bundle(blob, self._tmp / "bundle"))
         self.threads = threads
 

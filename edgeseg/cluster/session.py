@@ -28,6 +28,7 @@ log = logging.getLogger("edgeseg.cluster")
 
 LOCAL_OBJECT_STORE = 1 << 30  # bytes of shared memory a local cluster may use for objects (spills to disk beyond)
 QUEUE_DEPTH = 2  # tasks queued per worker: the next task's arguments are there when one ends
+CLOSE_TIMEOUT_S = 10.0  # for the workers to remove their folders before they are killed
 
 
 class ClusterError(EdgesegError, RuntimeError):
@@ -129,6 +130,12 @@ class _Host:
 
             self.obj = self.cls(*(ray.get(a.ref) if isinstance(a, Shared) else a for a in setup))
         return getattr(self.obj, method)(*args)
+
+    def close(self) -> None:
+        """Let the object remove what it holds (its unpacked bundle) before the process is killed."""
+        obj, self.obj = self.obj, None
+        if obj is not None and hasattr(obj, "close"):
+            obj.close()
 
 
 @dataclass
@@ -252,6 +259,14 @@ class WorkerPool:
         return sum(w.restarts for w in self.workers)
 
     def close(self) -> None:
+        # ray.kill ends a process at once (no finalizers), so each worker cleans up first; one that
+        # does not answer in time leaves its folders to the next worker started on its machine
+        closing = [w.handle.close.remote() for w in self.workers if w.alive]
+        if closing:
+            try:
+                self.ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
+            except Exception:  # a worker already gone
+                pass
         for w in self.workers:
             try:
                 self.ray.kill(w.handle, no_restart=True)

@@ -4,6 +4,10 @@ opened once) and turns tasks (a video, or a range of its frames) into result par
 The same class runs in the command's own process (no `--cluster`) and inside a Ray actor, where
 the bundle arrives as bytes (`pack_bundle`) instead of a path: workers need no shared disk for
 it. Nothing here imports ray or torch.
+
+Workers unpack into `scratch_dir` folders: named after their process (`edgeseg.files`), removed
+by `close()`, and, when a worker was killed before it could, by the next worker that starts on
+that machine.
 """
 from __future__ import annotations
 
@@ -23,9 +27,17 @@ from edgeseg.bundle import MANIFEST, Bundle, BundleError
 from edgeseg.cluster.outputs import FrameRecorder
 from edgeseg.cluster.plan import OutputSpec, Task
 from edgeseg.errors import EdgesegError, SourceError
+from edgeseg.files import clean_stale_temps, make_temp_dir
 from runtime.sources import VideoFileSource
 
 log = logging.getLogger("edgeseg.cluster")
+
+
+def scratch_dir(tag: str) -> Path:
+    """A new folder of this process in the system's temporary folder, after removing those that
+    workers (or runs) gone from this machine left there: a killed worker cannot clean up itself."""
+    clean_stale_temps(tempfile.gettempdir())
+    return make_temp_dir(tempfile.gettempdir(), tag)
 
 
 # -- the bundle, as bytes ------------------------------------------------------------------------
@@ -84,7 +96,7 @@ class SegmenterWorker:
         t0 = time.perf_counter()
         self._tmp = None
         if isinstance(bundle, (bytes, bytearray, memoryview)):
-            self._tmp = Path(tempfile.mkdtemp(prefix="edgeseg-bundle-"))
+            self._tmp = scratch_dir("bundle")
             bundle = unpack_bundle(bytes(bundle), self._tmp / "bundle")
         from runtime.segmenter import Segmenter
 
@@ -105,7 +117,7 @@ class SegmenterWorker:
         that cannot be used (retrying would not help). video: the file's bytes when the source
         is not on this machine's disk."""
         t0 = time.perf_counter()
-        workdir = Path(tempfile.mkdtemp(prefix="edgeseg-task-"))
+        workdir = make_temp_dir(tempfile.gettempdir(), "task")
         try:
             path = task.source.path
             if video is not None:
@@ -154,4 +166,4 @@ class SegmenterWorker:
             pass
 
 
-__all__ = ["SegmenterWorker", "VideoRange", "pack_bundle", "unpack_bundle"]
+__all__ = ["SegmenterWorker", "VideoRange", "pack_bundle", "unpack_bundle", "scratch_dir"]
