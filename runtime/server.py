@@ -61,6 +61,7 @@ PAGE = """<!doctype html>
  <p id="fps">pipeline <b id="pipeline-fps">-</b> FPS &middot; engine-only <b id="engine-fps">-</b> FPS</p>
  <table><thead><tr><th>stage</th><th>p50 ms</th><th>p95 ms</th><th>mean ms</th></tr></thead><tbody id="stages"></tbody></table>
  <p id="counts" class="muted">-</p>
+ <table><thead><tr><th>class in view</th><th>share of frame</th></tr></thead><tbody id="classes"></tbody></table>
  <p class="muted">frames shown here: <span id="frames-seen">0</span></p>
 </div>
 <script src="/app.js"></script>
@@ -71,7 +72,7 @@ STYLE = """body{font:14px system-ui,sans-serif;margin:0;background:#111;color:#d
 #view{max-width:min(100%,1280px);background:#000;border:1px solid #333}
 table{border-collapse:collapse;min-width:340px} td,th{padding:3px 8px;text-align:right;border-bottom:1px solid #333}
 td:first-child,th:first-child{text-align:left} h1{font-size:16px;margin:0 0 8px} .muted{color:#888}
-#fps b{font-size:18px;color:#fff}
+#fps b{font-size:18px;color:#fff} .swatch{display:inline-block;width:10px;height:10px;margin-right:6px;border:1px solid #555}
 """
 
 SCRIPT = """"use strict";
@@ -110,6 +111,16 @@ async function refresh() {
     }
     if (s.latency && s.latency.count) rows.push(row(["latency", fmt(s.latency.p50_ms), fmt(s.latency.p95_ms), fmt(s.latency.mean_ms)]));
     document.getElementById("stages").replaceChildren(...rows);
+    const classes = [];
+    for (const c of (Array.isArray(s.classes) ? s.classes : [])) {
+      const tr = row(["", (100 * Number(c.share)).toFixed(1) + " %"]);
+      const sw = document.createElement("span"); sw.className = "swatch";
+      const rgb = Array.isArray(c.color) ? c.color.map(v => Math.max(0, Math.min(255, Number(v) | 0))) : [0, 0, 0];
+      sw.style.backgroundColor = `rgb(${rgb[0]},${rgb[1]},${rgb[2]})`;  // CSSOM, allowed by the CSP; numbers only
+      tr.firstChild.append(sw, document.createTextNode(String(c.label)));
+      classes.push(tr);
+    }
+    document.getElementById("classes").replaceChildren(...classes);
     document.getElementById("counts").textContent =
       `frames ${s.frames_out ?? 0} out / ${s.frames_in ?? 0} in, dropped ${s.dropped ?? 0}, corrupt ${s.corrupt ?? 0}`;
   } catch (e) {}

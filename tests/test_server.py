@@ -245,6 +245,14 @@ def test_browser_view_shows_moving_frames_and_live_timings(default_bundle):
         assert float(fps) > 0
         names = browser.evaluate(page, "Array.from(document.querySelectorAll('#stages td:first-child')).map(e => e.textContent)")
         assert {"capture", "preprocess", "inference", "postprocess", "sink"} <= set(names)
+        # the classes in view, with their share of the frame (what the legend shows)
+        classes = _poll(lambda: browser.evaluate(
+            page, "Array.from(document.querySelectorAll('#classes tr')).map(r => [r.cells[0].textContent, r.cells[1].textContent])"),
+            lambda v: len(v) >= 1)
+        assert classes, "the class table is empty"
+        for label, share in classes:
+            assert label in seg.bundle.manifest.labels and label != seg.bundle.manifest.labels[0]
+            assert share.endswith(" %") and 0 < float(share[:-2]) <= 100
     finally:
         browser.close()
         stop.set()
