@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,7 +341,7 @@ def export_onnx(model, path: str | os.PathLike, *, preprocess: Preprocess, dynam
                 used = which
                 break
             except Exception as e:  # each exporter fails in its own way; keep the messages
-                errors.append(f"{which}: {type(e).__name__}: {_first_line(e)}")
+                errors.append(f"{which}: {type(e).__name__}: {error_summary(e)}")
                 log.info("exporter %s failed: %s", which, errors[-1])
                 tmp.unlink(missing_ok=True)
         else:
@@ -431,9 +432,42 @@ def _io_desc(vi) -> dict:
     return {"name": vi.name, "shape": dims, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name}
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+# lines exporters add around the cause: advice, log hints, progress, pointers to stack traces
+_NOISE = re.compile(r"^(-\s|\[torch\.onnx\]|Traceback|File \"|For (more|extended|C\+\+)|If you (suspect|would like)|"
+                    r"The error above|\(Refer to|Refer to|Set TORCH|Please (consider|feel free|report))")
+_EXPORT_FAILED = re.compile(r"^Failed to (export|convert|decompose|translate) the model")
+
+
+def error_summary(e: BaseException | str, limit: int = 500, lines: int = 3) -> str:
+    """What went wrong, readable on one screen: colour codes stripped, the exporters' own
+    boilerplate (next-step advice, log hints) skipped for the cause they summarise, at most `lines`
+    meaningful lines, cut at a sentence or word end (never mid-word) when longer than `limit`."""
+    text = _ANSI.sub("", str(e)).replace("\r", "")
+    # ONNX Runtime: "[ONNXRuntimeError] : 1 : FAIL : ..." and the C++ source location before the message
+    text = re.sub(r"\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"/\S*onnxruntime\S*:\d+ [^(\s]+\([^)]*\)\s*", "", text)
+    if "## Exception summary" in text:  # the dynamo exporter: the cause follows this heading
+        text = text.split("## Exception summary", 1)[1]
+    kept = []
+    for line in (s.strip() for s in text.splitlines()):
+        if not line or line.startswith("#") or _NOISE.match(line) or _EXPORT_FAILED.match(line):
+            continue
+        line = re.sub(r"^<class '(?:[\w.]+\.)?(\w+)'>:\s*", r"\1: ", line)
+        kept.append(line)
+        if len(kept) == lines:
+            break
+    out = " ".join(kept) or (type(e).__name__ if isinstance(e, BaseException) else "")
+    if len(out) <= limit:
+        return out
+    cut = out[:limit]
+    end = max(cut.rfind(". "), cut.rfind("; "))
+    cut = cut[:end + 1] if end > limit // 2 else cut[:cut.rfind(" ")] if " " in cut else cut
+    return cut.rstrip() + " …"
+
+
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
+    return error_summary(e, limit=300, lines=1)
 
 
 def _sample_frame(pre: Preprocess) -> np.ndarray:
@@ -472,7 +506,12 @@ def convert(source, out: str | os.PathLike, *, dynamic: bool = False, fold_norma
             facts = _import_onnx(src.onnx_path, onnx_path, simplify, meta, pre)
         deployed_pre = pre.replace(dtype="uint8") if fold_normalization else pre
         reference = _export_wrapper(src.model, pre, fold_normalization, argmax) if src.model is not None else src.onnx_path
-        parity = check_parity(reference, onnx_path, deployed_pre, frames=parity_frames, output_kind="mask" if argmax else "logits")
+        kind = "mask" if argmax else "logits"
+        parity = check_parity(reference, onnx_path, deployed_pre, frames=parity_frames, output_kind=kind)
+        info = {"opset": facts["opset"]}
+        if facts["dynamic"]:
+            info["sizes_checked"] = _check_dynamic(reference if src.model is not None else None, onnx_path, deployed_pre, kind,
+                                                   facts)
         manifest = Manifest(
             labels=src.labels, palette=src.palette, preprocess=deployed_pre,
             input_name=facts["input"]["name"], output_name=facts["output"]["name"],
@@ -481,10 +520,37 @@ def convert(source, out: str | os.PathLike, *, dynamic: bool = False, fold_norma
             model={"name": src.name, "source_sha256": src.sha256, **src.info, "export": facts},
         )
         bundle = Bundle.create(tmp, manifest)
-        bundle.add_artifact(Artifact("model.onnx", "onnxruntime", "fp32", parity=parity, info={"opset": facts["opset"]}))
+        bundle.add_artifact(Artifact("model.onnx", "onnxruntime", "fp32", parity=parity, info=info))
         bundle.save()
     log.info("wrote bundle %s", out)
     return Bundle.load(out)
+
+
+def _check_dynamic(reference, onnx_path: Path, pre: Preprocess, output_kind: str, facts: dict) -> list[dict]:
+    """A dynamic graph must hold at sizes other than the export size: refuse it, listing each size
+    and what went wrong there, when it fails or disagrees with the reference at any of them.
+    (An imported ONNX file is run at the sizes its symbolic axes allow.)"""
+    from converters.parity import check_sizes, dynamic_sizes, format_sizes
+
+    shape = facts["input"]["shape"]
+    sizes = dynamic_sizes(pre.size)
+    if len(shape) == 4:
+        fixed = lambda i: isinstance(shape[i], int) and shape[i] > 0  # noqa: E731
+        sizes = [(b, h, w) for b, h, w in sizes
+                 if (b == 1 or not fixed(0)) and (h == pre.size[0] or not fixed(2)) and (w == pre.size[1] or not fixed(3))]
+    exporter = facts["exporter"]
+    with progress.phase("check dynamic sizes"):
+        result = check_sizes(reference, onnx_path, pre, output_kind, sizes=sizes)
+    if not result["ok"]:
+        advice = ("the graph keeps sizes of the export as constants (a pooling kernel, the indices of adaptive pooling "
+                  "or a reshape computed from the traced size): export at the one size you deploy (without --dynamic, "
+                  "--input-size H W)" + (", try --exporter dynamo" if exporter == "torchscript" else "")
+                  + ", or compute shapes in the model from tensor sizes (x.shape[-2:] as they are, no int())")
+        if reference is None:
+            advice = "the ONNX file does not run at every size its symbolic axes allow: re-export it, or convert it at one size"
+        raise ConversionError(f"the --dynamic export ({exporter} exporter) does not hold at every size:\n  "
+                              f"{format_sizes(result)}\n{advice}")
+    return [{k: r[k] for k in ("batch", "size", "max_abs", "mask_agreement") if k in r} for r in result["sizes"]]
 
 
 def _import_onnx(src_path: Path, dst: Path, simplify: bool, meta: dict, pre: Preprocess) -> dict:

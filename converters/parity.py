@@ -71,3 +71,98 @@ def check_parity(reference, test, pre: Preprocess, frames: int | list[np.ndarray
     if "mask_agreement" in out:
         out["min_mask_agreement"] = float(min(s["mask_agreement"] for s in stats))
     return out
+
+
+# -- dynamic shapes -------------------------------------------------------------------------
+# A graph exported with symbolic sizes can still hold the export size as a constant (a pooling
+# kernel or a reshape computed from `int(x.shape[2])` while tracing): it then fails, or is silently
+# wrong, at any other size. So a dynamic export is run at several sizes against its reference.
+STRIDE = 32  # sizes stay multiples of the coarsest stride of common backbones
+ATOL, RTOL, MIN_AGREEMENT = 1e-3, 1e-3, 0.999
+
+
+def dynamic_sizes(size: tuple[int, int]) -> list[tuple[int, int, int]]:
+    """(batch, H, W) to check: the export size, one smaller, one larger, a non-square one, batch 2."""
+    H, W = (int(v) for v in size)
+    r = lambda v: max(STRIDE, int(round(v / STRIDE)) * STRIDE)  # noqa: E731
+    smaller = (r(H / 2), r(W / 2))
+    if smaller == (H, W):  # already at the smallest multiple
+        smaller = (max(1, H // 2), max(1, W // 2))
+    larger = (r(H * 1.5), r(W * 1.5))
+    wide = (H, r(W * 1.5)) if H == W else (W, H)
+    if wide[0] == wide[1]:
+        wide = (H, W + STRIDE)
+    return [(1, H, W), (1, *smaller), (1, *larger), (1, *wide), (2, H, W)]
+
+
+def check_sizes(reference, test, pre: Preprocess, output_kind: str = "logits", frames: int = 2,
+                sizes: list[tuple[int, int, int]] | None = None) -> dict:
+    """Run `test` (an ONNX path or engine) at each (batch, H, W) of `sizes` (default
+    `dynamic_sizes(pre.size)`) against `reference` (a torch module, or None for an ONNX source: then
+    each size must run and give an output whose batch matches).
+    Returns {'ok', 'sizes': [{batch, size, ok, ...figures or error}]}."""
+    test_run = _quiet_runner(test) if isinstance(test, (str, os.PathLike)) else _runner(test)
+    ref_run = _runner(reference) if reference is not None else None
+    rows = []
+    for batch, h, w in (dynamic_sizes(pre.size) if sizes is None else sizes):
+        at = pre.replace(size=(h, w))
+        imgs = parity_frames(at, max(frames, batch), seed=1)
+        x = np.concatenate([at.apply(f) for f in imgs[:batch]]) if batch > 1 else at.apply(imgs[0])
+        row: dict = {"batch": batch, "size": [h, w]}
+        try:
+            y = np.asarray(test_run(x))
+        except Exception as e:  # the engine's own message says what broke (a reshape, a concat ...)
+            rows.append({**row, "ok": False, "error": f"{type(e).__name__}: {_summary(e)}"})
+            continue
+        if ref_run is None:
+            ok = y.shape[0] == batch and (output_kind == "mask" or bool(np.all(np.isfinite(y))))
+            rows.append({**row, "ok": ok, **({} if ok else {"error": f"output shape {list(y.shape)} for batch {batch}"})})
+            continue
+        try:
+            r = np.asarray(ref_run(x))
+        except Exception as e:
+            rows.append({**row, "ok": False, "error": f"the reference fails at this size: {type(e).__name__}: {_summary(e)}"})
+            continue
+        if r.shape != y.shape:
+            rows.append({**row, "ok": False, "error": f"output shape {list(y.shape)}, reference {list(r.shape)}"})
+            continue
+        stats = compare(r, y, output_kind)
+        ok = stats["mask_agreement"] >= MIN_AGREEMENT
+        if "max_abs" in stats:
+            allowed = ATOL + RTOL * float(np.abs(r).max())
+            ok = ok and stats["max_abs"] <= allowed
+            stats["allowed_abs"] = allowed
+        if not ok:
+            stats["error"] = (f"disagrees with the reference: mask agreement {100 * stats['mask_agreement']:.2f}%"
+                              + (f", max |Δ| {stats['max_abs']:.3g} > {stats['allowed_abs']:.3g}" if "max_abs" in stats else ""))
+        rows.append({**row, "ok": ok, **stats})
+    return {"ok": all(r["ok"] for r in rows), "sizes": rows}
+
+
+def format_sizes(result: dict) -> str:
+    """One line per size: what was run and how it came out."""
+    lines = []
+    for r in result["sizes"]:
+        what = f"batch {r['batch']} at {r['size'][0]}x{r['size'][1]}"
+        if r["ok"]:
+            lines.append(f"{what}: ok" + (f" (max |Δ| {r['max_abs']:.2g})" if "max_abs" in r else ""))
+        else:
+            lines.append(f"{what}: {r['error']}")
+    return "\n  ".join(lines)
+
+
+def _quiet_runner(path):
+    """ONNX Runtime on the CPU, its own error log off: a size that fails is reported in the result."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0]
+
+
+def _summary(e: BaseException) -> str:
+    from converters.onnx import error_summary
+
+    return error_summary(e, lines=2)

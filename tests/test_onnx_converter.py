@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import onnx
@@ -133,3 +134,85 @@ def test_parity_detects_a_different_model(tmp_path, default_bundle):
     p = check_parity(model, default_bundle.artifact_path(default_bundle.select("onnxruntime")), default_bundle.manifest.preprocess, frames=2)
     assert p["max_abs"] > 1.0
     assert isinstance(Bundle.load(default_bundle.path), Bundle)
+
+
+@pytest.mark.parametrize("factory, failure", [
+    ("make_baked", r"batch 1 at 32x32: disagrees with the reference: mask agreement"),
+    ("make_constant_reshape", r"batch 1 at 32x32: Fail: .*Reshape.*cannot be reshaped"),
+])
+def test_dynamic_export_that_holds_only_at_its_export_size_is_refused(tmp_path, factory, failure):
+    from tests import thirdparty
+
+    with pytest.raises(ConversionError) as e:
+        convert(getattr(thirdparty, factory)(), tmp_path / "b", dynamic=True, input_size=(64, 64), labels=["a", "b", "c"])
+    msg = str(e.value)
+    assert "does not hold at every size" in msg and re.search(failure, msg), msg
+    # every size is listed, the export size among them (it passes there)
+    for size in ("batch 1 at 64x64: ok", "batch 1 at 32x32", "batch 1 at 96x96", "batch 1 at 64x96", "batch 2 at 64x64"):
+        assert size in msg, msg
+    assert "export at the one size you deploy" in msg
+    assert "[ONNXRuntimeError]" not in msg and "onnxruntime_src" not in msg  # the cause, not the C++ location
+    assert not (tmp_path / "b").exists()
+
+
+def test_dynamic_export_that_holds_is_checked_at_every_size(tmp_path):
+    from tests import thirdparty
+
+    b = convert(thirdparty.make_global_pooling(), tmp_path / "b", dynamic=True, input_size=(64, 64), labels=list("abcd"))
+    checked = b.select("onnxruntime").info["sizes_checked"]
+    assert [(r["batch"], tuple(r["size"])) for r in checked] == [(1, (64, 64)), (1, (32, 32)), (1, (96, 96)), (1, (64, 96)), (2, (64, 64))]
+    assert all(r["max_abs"] < 1e-3 and r["mask_agreement"] > 0.999 for r in checked), checked
+
+
+def test_dynamic_sizes():
+    from converters.parity import dynamic_sizes
+
+    assert dynamic_sizes((256, 256)) == [(1, 256, 256), (1, 128, 128), (1, 384, 384), (1, 256, 384), (2, 256, 256)]
+    assert dynamic_sizes((32, 64)) == [(1, 32, 64), (1, 32, 32), (1, 64, 96), (1, 64, 32), (2, 32, 64)]
+    assert dynamic_sizes((32, 32))[1] == (1, 16, 16)  # below the stride when the export size is already the smallest
+
+
+# the dynamo exporter's message for a data-dependent branch (torch 2.13), colour codes included
+DYNAMO_FAILURE = (
+    "Failed to export the model with torch.export. \x1b[96mThis is step 1/3\x1b[0m of exporting the model to ONNX. Next steps:\n"
+    "- Modify the model code for `torch.export.export` to succeed. Refer to https://pytorch.org/docs/stable/generated/exportdb/index.html for more information.\n"
+    "- Debug `torch.export.export` and submit a PR to PyTorch.\n"
+    "- Create an issue in the PyTorch GitHub repository against the \x1b[96m*torch.export*\x1b[0m component and attach the full error stack as well as reproduction scripts.\n\n"
+    "## Exception summary\n\n"
+    "<class 'torch.fx.experimental.symbolic_shapes.GuardOnDataDependentSymNode'>: Could not guard on data-dependent expression zuf0 > 0.0 (unhinted: zuf0 > 0.0).  (Size-like symbols: none)\n\n"
+    "consider using data-dependent friendly APIs such as guard_or_false, guard_or_true and statically_known_true.\n"
+    "Caused by: (net.py:4 in forward)\n"
+    "For more information, run with TORCH_LOGS=\"dynamic\"\n"
+    "For extended logs when we create symbols, also add TORCHDYNAMO_EXTENDED_DEBUG_CREATE_SYMBOL=\"zuf0\"\n"
+    "If you suspect the guard was triggered from C++, add TORCHDYNAMO_EXTENDED_DEBUG_CPP=1\n\n"
+    "The error above occurred when calling torch.export.export. If you would like to view some more information about this error, "
+    "and get a list of all other errors that may occur in your export call, you can replace your `export()` call with `draft_export()`.\n\n"
+    "(Refer to the full stack trace above for more information.)"
+)
+
+
+def test_exporter_failure_shows_the_cause():
+    from converters.onnx import error_summary
+
+    s = error_summary(RuntimeError(DYNAMO_FAILURE))
+    assert "\x1b" not in s and "[96m" not in s
+    assert s.startswith("GuardOnDataDependentSymNode: Could not guard on data-dependent expression zuf0 > 0.0")
+    assert "Caused by: (net.py:4 in forward)" in s
+    assert "Next steps" not in s and "TORCH_LOGS" not in s and "draft_export" not in s
+    # too long: cut where a sentence or a word ends, and marked
+    long = error_summary("\x1b[31mThe first sentence explains the failure. " + "then words go on and on " * 40 + "\x1b[0m", limit=70)
+    assert long == "The first sentence explains the failure. …"
+    words = error_summary("one " + "abcdefgh " * 40, limit=60)
+    assert words.endswith(" …") and all(w in ("one", "abcdefgh", "…") for w in words.split())
+
+
+def test_every_exporter_failing_names_each_cause(tmp_path):
+    class Broken(torch.nn.Module):  # eigh has no ONNX translation
+        def forward(self, x):
+            m = x[0, 0] @ x[0, 0].T
+            return torch.linalg.eigh(m).eigenvectors.reshape(1, 1, 8, 8).expand(1, 2, 8, 8)
+
+    with pytest.raises(ConversionError) as e:
+        export_onnx(Broken(), tmp_path / "m.onnx", preprocess=Preprocess(size=(8, 8)), exporter="torchscript")
+    msg = str(e.value)
+    assert "\x1b" not in msg and "linalg_eigh" in msg, msg

@@ -42,3 +42,52 @@ class PSPLike(nn.Module):
 def make():
     torch.manual_seed(0)
     return PSPLike().eval()
+
+
+class BakedPooling(nn.Module):
+    """Pyramid pooling with its kernel read as a Python int from the feature map (common in
+    PSPNet ports): tracing bakes the export size's kernel into the graph, so at other sizes the
+    pooled grid differs from torch's and the masks are silently wrong."""
+
+    def __init__(self, num_classes=3, c=8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 4, 1), nn.ReLU())
+        self.proj = nn.Conv2d(c, c, 1)
+        self.head = nn.Conv2d(2 * c, num_classes, 1)
+
+    def forward(self, x):
+        f = self.stem(x)
+        k = int(f.shape[-1]) // 2
+        p = F.interpolate(self.proj(F.avg_pool2d(f, k, k)), size=f.shape[-2:], mode="bilinear", align_corners=False)
+        y = self.head(torch.cat([f, p], 1))
+        return F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class ConstantReshape(nn.Module):
+    """Spatial softmax through a reshape whose shape is computed with int(): constant in the graph,
+    so any other size (or batch) fails in ONNX Runtime."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.conv = nn.Conv2d(3, num_classes, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        n, c, h, w = (int(v) for v in y.shape)
+        return torch.softmax(y.reshape(n, c, h * w), -1).reshape(n, c, h, w)
+
+
+def make_baked():
+    torch.manual_seed(0)
+    return BakedPooling().eval()
+
+
+def make_constant_reshape():
+    torch.manual_seed(0)
+    return ConstantReshape().eval()
+
+
+def make_global_pooling():
+    """The same network with global pooling only (a pooled size of 1 holds at every input size)."""
+    torch.manual_seed(0)
+    return PSPLike(bins=(1,)).eval()
