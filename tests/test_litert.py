@@ -144,23 +144,28 @@ def test_conversion_errors(lt_bundle, default_bundle, tmp_path):
     assert r.returncode == 2 and "--dynamic does not apply to --to litert" in r.stderr
 
 
-def test_cli_convert_run_eval(tmp_path):
-    """The issue's path: convert to a full-integer .tflite, stream it with LiteRT, evaluate it against FP32."""
+def test_cli_convert_run_eval(tmp_path, capsys):
+    """The issue's path, in this process (litert-torch is imported once) on the small network: convert
+    to a full-integer .tflite, stream it with LiteRT, evaluate every artifact against FP32. The
+    default model's INT8 accuracy through this path is what benchmarks/engines_cpu.py reports."""
+    from edgeseg.cli import main
+
     out = tmp_path / "b"
-    r = run_cli("convert", "default", "--to", "litert", "--precision", "int8", "--calib", "synthetic:train?n=64",
-                "--eval-data", "synthetic:test?n=50", "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    assert "model.fp32.tflite" in r.stdout and "model.int8.tflite" in r.stdout
-    r = run_cli("run", str(out), "--source", "synthetic://?frames=8", "--backend", "litert", "--precision", "int8",
-                "--stats-json", str(tmp_path / "s.json"))
-    assert r.returncode == 0, r.stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        assert main(["convert", "tests.test_litert:small_net", "--input-size", "48", "48", "--labels", ",".join(LABELS),
+                     "--to", "litert", "--precision", "int8", "--calib", "synthetic:train?n=16",
+                     "--eval-data", "synthetic:test?n=16", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "model.fp32.tflite" in printed and "model.int8.tflite" in printed and "pts vs FP32" in printed
+    assert main(["run", str(out), "--source", "synthetic://?frames=8", "--backend", "litert", "--precision", "int8",
+                 "--stats-json", str(tmp_path / "s.json")]) == 0
     stats = json.loads((tmp_path / "s.json").read_text())
-    assert stats["info"]["backend"] == "litert" and stats["info"]["precision"] == "int8"
-    r = run_cli("eval", str(out), "--data", "synthetic:test?n=40", "--json", str(tmp_path / "e.json"))
-    assert r.returncode == 0, r.stderr
+    assert stats["info"]["backend"] == "litert" and stats["info"]["precision"] == "int8" and stats["frames_out"] == 8
+    assert main(["eval", str(out), "--data", "synthetic:test?n=16", "--json", str(tmp_path / "e.json")]) == 0
     rows = {(x["backend"], x["precision"]): x for x in json.loads((tmp_path / "e.json").read_text())["results"]}
     assert rows[("litert", "fp32")]["agreement_with_fp32"] > 0.9999
-    assert abs(rows[("litert", "int8")]["miou_drop_points"]) < 0.5, rows
+    assert rows[("litert", "int8")]["agreement_with_fp32"] > 0.9 and "per_class_iou" in rows[("litert", "int8")]
 
 
 def test_int8_with_operators_left_in_float(lt_bundle, tmp_path):

@@ -154,19 +154,22 @@ def test_cli_rejects_a_bad_budget(ov_bundle, budget, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
 
 
-def test_cli_convert_run_eval(tmp_path):
-    """The issue's path: convert to an INT8 IR, stream it with OpenVINO, evaluate it against FP32."""
+def test_cli_convert_run_eval(tmp_path, capsys):
+    """The issue's path, in this process: convert the default model to an INT8 IR, stream it with
+    OpenVINO (chosen by auto), evaluate it against FP32."""
+    from edgeseg.cli import main
+
     out = tmp_path / "b"
-    r = run_cli("convert", "default", "--to", "openvino", "--precision", "int8", "--calib", "synthetic:train?n=64",
-                "--eval-data", "synthetic:test?n=50", "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    assert "model.int8.openvino" in r.stdout and "pts vs FP32" in r.stdout
-    r = run_cli("run", str(out), "--source", "synthetic://?frames=8", "--stats-json", str(tmp_path / "s.json"))
-    assert r.returncode == 0, r.stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        assert main(["convert", "default", "--to", "openvino", "--precision", "int8", "--calib", "synthetic:train?n=64",
+                     "--eval-data", "synthetic:test?n=50", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "model.int8.openvino" in printed and "pts vs FP32" in printed
+    assert main(["run", str(out), "--source", "synthetic://?frames=8", "--stats-json", str(tmp_path / "s.json")]) == 0
     stats = json.loads((tmp_path / "s.json").read_text())
     assert stats["info"]["backend"] == "openvino" and stats["info"]["precision"] == "int8"
-    r = run_cli("eval", str(out), "--data", "synthetic:test?n=40", "--json", str(tmp_path / "e.json"))
-    assert r.returncode == 0, r.stderr
+    assert main(["eval", str(out), "--data", "synthetic:test?n=40", "--json", str(tmp_path / "e.json")]) == 0
     rows = {(x["backend"], x["precision"]): x for x in json.loads((tmp_path / "e.json").read_text())["results"]}
     assert abs(rows[("openvino", "int8")]["miou_drop_points"]) < 0.5, rows
     assert rows[("openvino", "int8")]["agreement_with_fp32"] > 0.99
