@@ -491,3 +491,73 @@ def test_macos_mask_output_and_enumerated_sizes(tmp_path, default_model):
             ref = model(torch.from_numpy(((img / 255.0 - pre.mean) / pre.std).astype(np.float32).transpose(2, 0, 1)[None]))
         assert mask.shape == (1, h, w)
         assert np.mean(mask == ref.argmax(1).numpy()) > 0.98
+
+
+# -- FP16 weights: judged by what FP16 casting itself does ------------------------------------------
+def _laplace(shape, scale):
+    return torch.distributions.Laplace(0.0, scale).sample(shape)
+
+
+def resnet_statistics_stack(seed=0):
+    """Conv stacks with the weight statistics of trained FCN-ResNet50 / DeepLabV3 (torchvision cannot
+    be imported here): a stem whose batch norms have tiny variances (folded weights in the tens to
+    hundreds), deep 3x3 / 1x1 / depthwise blocks with small weights and small gammas (folded maxima
+    of a few 1e-3, so many values in FP16's subnormal range below 6.1e-5), and a classifier."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1, groups=64, bias=False), nn.BatchNorm2d(64), nn.Hardswish(),
+        nn.Conv2d(64, 64, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+        nn.Conv2d(64, 3, 1))
+    net[0].weight.data = _laplace(net[0].weight.shape, 0.1)
+    net[1].running_var.data = torch.logspace(-6, -2, 32)
+    net[1].weight.data = torch.rand(32) + 0.5
+    for conv, bn in ((net[3], net[4]), (net[6], net[7]), (net[9], net[10])):
+        conv.weight.data = _laplace(conv.weight.shape, 0.002)
+        bn.weight.data = torch.rand(bn.num_features) * 0.25 + 0.05
+        bn.running_var.data = torch.rand(bn.num_features) * 1.5 + 0.5
+    net[12].weight.data = _laplace(net[12].weight.shape, 0.01)
+    return net.eval()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast", "ignore:invalid value encountered in spacing")
+def test_fp16_error_is_judged_against_plain_casting():
+    from converters.coreml.weights import fp16_error, fp16_steps_from_cast
+
+    ref = np.array([1e-9, -2.9e-8, 3e-6, -1.3e-5, 5e-5, 0.01, -0.3, 300.0, 6.0e4, 7.0e4, 0.0])  # flush, subnormal, normal, overflow
+    cast = ref.astype(np.float16).astype(np.float64)
+    assert cast[0] == 0 and np.isinf(cast[9])
+    err, allowed = fp16_error(cast, ref)
+    assert np.max(err / allowed) <= 1.0 and fp16_steps_from_cast(cast, ref) == 0.0
+    # a fixed relative tolerance (2 half-steps of |w|) refuses what casting does to subnormals
+    assert np.max(np.abs(cast - ref)[2:5] / (2.0**-10 * np.abs(ref[2:5]))) > 1.5
+    # the neighbour of a value near half-way passes; two steps off, or a subnormal flushed to 0, do not
+    step = np.spacing(np.abs(ref.astype(np.float16))).astype(np.float64)
+    for i, wrong in ((3, cast[3] + 2 * np.sign(ref[3]) * step[3]), (2, 0.0), (6, cast[6] * (1 + 2.0**-8)), (9, 65504.0)):
+        bad = cast.copy()
+        bad[i] = wrong
+        err, allowed = fp16_error(bad, ref)
+        assert np.max(err / allowed) > 1.0, i
+    mid = np.array([1.0 + 2.0**-11])  # exactly half-way between two FP16 values
+    err, allowed = fp16_error(np.array([1.0 + 2.0**-10]), mid)
+    assert np.max(err / allowed) <= 1.0
+
+
+def test_fp16_package_of_resnet_statistics_weights_validates(tmp_path):
+    net = resnet_statistics_stack()
+    folded = [(c.weight * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).view(-1, 1, 1, 1)).detach().numpy()
+              for c, bn in ((net[0], net[1]), (net[3], net[4]), (net[6], net[7]), (net[9], net[10]))]
+    tiny = sum(int(np.sum((np.abs(w) < 6.1e-5) & (w != 0))) for w in folded)
+    assert tiny > 1000 and max(float(np.abs(w).max()) for w in folded) > 50  # subnormal-range and large values
+    r = C.convert_coreml(net, tmp_path / "r.mlpackage", preprocess=Preprocess(size=(32, 32)), labels=LABELS3,
+                         palette=PALETTE3, precision="fp16", output="logits")
+    v = r.validation
+    assert v["ok"], v["problems"]
+    assert v["weights"]["compared"] == 5 and v["weights"]["bn_folded"] == 4, v["weights"]
+    assert v["weights"]["max_fp16_steps_from_cast"] <= 1.0, v["weights"]  # as plain casting (FP32 folding: one step)
+    # the check still fails: the same package against weights changed by about 0.3%, weight by weight
+    with torch.no_grad():
+        net[9].weight.mul_(1 + 0.003 * torch.randn(net[9].weight.shape))
+    changed = C.validate_package(r.path, torch_model=net, precision="fp16")
+    assert not changed["ok"] and any("allowed error vs 9.weight" in p for p in changed["problems"]), changed["problems"]

@@ -106,7 +106,8 @@ def validate_package(path: str | os.PathLike, torch_model=None, precision: str |
     weights are stored as the precision says (counting dtypes and constexpr ops); and, given the
     torch model, that each stored weight matches a torch weight within the scheme's error:
     INT8/INT4 within half a quantization step, palettized weights at their nearest table entry,
-    FP16 within rounding, allowing a per-output-channel factor where batch norm was folded.
+    FP16 as numpy's cast of the same weights rounds them (subnormals included), allowing a
+    per-output-channel factor where batch norm was folded.
     Returns {'ok', 'problems', 'checks', 'weight_dtypes', 'ops', 'weights', ...}.
     """
     path = Path(path)

@@ -135,6 +135,38 @@ def _lut_violation(value: np.ndarray, ref: np.ndarray, lut: np.ndarray) -> tuple
     return excess, spacing
 
 
+def fp16_error(value: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(error, allowed) of FP16-stored weights against float64 reference weights, judged by what
+    casting the reference to FP16 itself does (numpy's IEEE cast: subnormals below 6.1e-5 keep
+    only 2**-24 steps, values under 2**-25 become 0, beyond 65504 infinity).
+
+    allowed = the cast's own error, at least half an FP16 step at that value (the other neighbour
+    of a value close to half-way), plus FP32 rounding of the folding arithmetic before the cast
+    (Core ML multiplies batch-norm factors in FP32). A stored value equal to the cast passes
+    whatever its size, infinities included; anything farther off than a neighbour fails."""
+    value, ref = np.asarray(value, np.float64), np.asarray(ref, np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast16 = ref.astype(np.float16)
+        cast = cast16.astype(np.float64)
+        step = np.spacing(np.abs(cast16)).astype(np.float64)  # 2**-24 in the subnormal range
+        err = np.where(value == cast, 0.0, np.abs(value - ref))
+        allowed = np.maximum(np.abs(cast - ref), step / 2) + 4 * 2.0**-24 * np.abs(ref)
+    allowed = np.where(np.isfinite(allowed) & (allowed > 0), allowed, 1e-300)  # past FP16's range only the cast itself passes
+    err = np.where(np.isnan(err), np.inf, err)
+    return err, allowed
+
+
+def fp16_steps_from_cast(value: np.ndarray, ref: np.ndarray) -> float:
+    """Largest distance, in FP16 steps, between stored values and numpy's FP16 cast of the
+    reference (0: identical to plain casting; 1: a neighbour, from rounding the folding in FP32)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast16 = np.asarray(ref, np.float64).astype(np.float16)
+        step = np.spacing(np.abs(cast16)).astype(np.float64)
+        d = np.where(np.asarray(value, np.float64) == cast16, 0.0, np.abs(np.asarray(value, np.float64) - cast16) / step)
+    d = d[np.isfinite(d)]
+    return float(d.max()) if d.size else 0.0
+
+
 def _compare(entry: dict, ref: np.ndarray, axis: int, bn: np.ndarray | None, steps: float = 0.5) -> dict:
     """Compare a stored weight with a torch weight: as is, with the following batch norm folded in
     (what Core ML does), or, for layers whose batch norm could not be paired, up to a fitted
@@ -149,6 +181,7 @@ def _compare(entry: dict, ref: np.ndarray, axis: int, bn: np.ndarray | None, ste
 
     def score(r, slack=1.0):
         err = np.abs(value - r)
+        extra = {}
         if entry["kind"] == "affine":
             # half a step, plus FP16 rounding of the weight, of the stored scale (times |q|) and
             # of the dequantized value: three half-ulps of |w|
@@ -160,12 +193,15 @@ def _compare(entry: dict, ref: np.ndarray, axis: int, bn: np.ndarray | None, ste
             excess, spacing = _lut_violation(value, r, entry["lut"])
             allowed = 0.1 * spacing + 2 * fp16 * np.abs(r) + 1e-7
             ratio = max(float(np.max(excess / allowed)), 0.0) if excess.size else 0.0
+        elif entry["storage"] == "fp16":
+            err, allowed = fp16_error(value, r)
+            ratio = float(np.max(err / allowed)) if err.size else 0.0
+            extra["fp16_steps_from_cast"] = fp16_steps_from_cast(value, r)
         else:
-            rel = 2.0**-23 if entry["storage"] == "fp32" else fp16
-            allowed = rel * np.abs(r) * 2 + 1e-6 * (np.abs(r).max() + 1e-12)
+            allowed = 2.0**-23 * np.abs(r) * 2 + 1e-6 * (np.abs(r).max() + 1e-12)
             ratio = float(np.max(err / allowed))
         rms = float(np.sqrt(np.mean((value - r) ** 2)) / max(np.sqrt(np.mean(r**2)), 1e-12))
-        return {"ratio": ratio / slack, "rel_rms": rms}
+        return {"ratio": ratio / slack, "rel_rms": rms, **extra}
 
     tried = [dict(score(ref), folded="none")]
     if bn is not None and bn.shape[0] == ref.shape[axis]:
@@ -186,7 +222,7 @@ def match_torch_weights(weights: list[dict], torch_model, scheme: Scheme | None)
     by_shape: dict[tuple, list] = {}
     for name, arr, axis, bn in refs:
         by_shape.setdefault(tuple(arr.shape), []).append((name, arr, axis, bn))
-    matched, unmatched, worst, max_rms, folded = 0, [], 0.0, 0.0, 0
+    matched, unmatched, worst, max_rms, folded, steps16 = 0, [], 0.0, 0.0, 0, None
     failures = []
     for w in weights:
         if w.get("value") is None:
@@ -203,8 +239,12 @@ def match_torch_weights(weights: list[dict], torch_model, scheme: Scheme | None)
             folded += best["folded"] != "none"
             worst = max(worst, best["ratio"])
             max_rms = max(max_rms, best["rel_rms"])
+            if "fp16_steps_from_cast" in best:
+                steps16 = max(steps16 or 0.0, best["fp16_steps_from_cast"])
         else:
             failures.append(f"{w['name']} {w['shape']} ({w['storage']}): {best['ratio']:.2f}x the allowed error vs {best['ref']}")
     summary = {"compared": matched, "unmatched": len(unmatched), "bn_folded": folded,
                "worst_error_vs_allowed": round(worst, 3), "max_rel_rms": round(max_rms, 5)}
+    if steps16 is not None:  # FP16 weights: how far from plain numpy casting of the same weights
+        summary["max_fp16_steps_from_cast"] = round(steps16, 3)
     return summary, failures
