@@ -161,12 +161,15 @@ def evaluate_dataset(model, dataset, num_classes: int, batch_size: int = 8, igno
 def fit(model, train, val, *, num_classes: int, epochs: int, batch_size: int = 8, lr: float = 1e-3,
         crop: int | None = None, loss_fn: Callable | None = None, seed: int = 0, ignore_index: int = 255,
         on_epoch: Callable[[dict], None] | None = None, progress: bool = True, start_epoch: int = 0,
-        optimizer_state: dict | None = None, num_workers: int = 0, history: History | None = None) -> History:
+        optimizer_state: dict | None = None, num_workers: int = 0, history: History | None = None,
+        collate_fn: Callable | None = None, validate: Callable | None = None, clip_grad: float | None = None) -> History:
     """Train `model` and evaluate mIoU on `val` after each epoch.
 
     `train`/`val`: preprocessed tensors `(x, y)` (random `crop` and flips applied per batch), or
     torch Datasets such as `ReaderDataset` (streamed; their own augmentation, reseeded per epoch).
-    `start_epoch`/`optimizer_state`/`history` continue an interrupted run.
+    `start_epoch`/`optimizer_state`/`history` continue an interrupted run. Instance models
+    (`edgeseg.train_instances`) give their batching as `collate_fn` and their held-out scoring as
+    `validate(model) -> {figure: value}` instead of `val`; `clip_grad` caps the gradient norm.
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -194,12 +197,15 @@ def fit(model, train, val, *, num_classes: int, epochs: int, batch_size: int = 8
         model.train()
         t0, total = time.time(), 0.0
         with (bar(f"epoch {epoch + 1}/{epochs}", total=steps_per_epoch, unit="batches") if progress else Bar()) as steps:
-            for s, (xb, yb) in enumerate(_batches(train, batch_size, steps_per_epoch, crop, gen, seed, epoch, num_workers)):
+            for s, (xb, yb) in enumerate(_batches(train, batch_size, steps_per_epoch, crop, gen, seed, epoch, num_workers,
+                                                  collate_fn)):
                 loss = _step_loss(model, xb, yb, loss_fn, ignore_index)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}, step {s}; lower the learning rate")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
                 opt.step()
                 sched.step()
                 total += loss.item()
@@ -213,16 +219,19 @@ def fit(model, train, val, *, num_classes: int, epochs: int, batch_size: int = 8
                 cm = evaluate_dataset(model, val, num_classes, batch_size, ignore_index, num_workers)
             record["val_miou"] = cm.miou()
             record["val_pixel_accuracy"] = cm.pixel_accuracy()
+        if validate is not None:
+            record.update(validate(model))
         history.epochs.append(record)
         if progress:
             extra = f" val mIoU {record['val_miou']:.4f}" if "val_miou" in record else ""
+            extra += f" val mask AP50 {record['val_mask_ap50']:.4f}" if "val_mask_ap50" in record else ""
             print(f"epoch {epoch + 1}/{epochs} loss {record['train_loss']:.4f}{extra} ({record['seconds']} s)", flush=True)
         if on_epoch:
             on_epoch({**record, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": list(history.epochs)})
     return history
 
 
-def _batches(train, batch_size, steps, crop, gen, seed, epoch, num_workers):
+def _batches(train, batch_size, steps, crop, gen, seed, epoch, num_workers, collate_fn=None):
     if _is_tensors(train):
         # the default model's path: one generator drives order, crops and flips (keep it unchanged)
         x, y = train
@@ -236,7 +245,7 @@ def _batches(train, batch_size, steps, crop, gen, seed, epoch, num_workers):
     # the order depends on (seed, epoch) only, so a resumed run sees the batches it would have seen
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
     loader = torch.utils.data.DataLoader(train, batch_size=batch_size, sampler=order[: steps * batch_size].tolist(),
-                                         num_workers=num_workers)
+                                         num_workers=num_workers, collate_fn=collate_fn)
     yield from loader
 
 
@@ -293,8 +302,9 @@ def curves_path(out: str | Path) -> Path:
     return out.with_name(out.stem + ".curves.png")
 
 
-def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
-    """Training loss and held-out mIoU per epoch as a PNG (matplotlib, Agg; written atomically)."""
+def plot_curves(history: list[dict], path: str | Path, title: str = "", metric=("val_miou", "mIoU")) -> Path:
+    """Training loss and the held-out figure (`metric`: record key, name) per epoch as a PNG
+    (matplotlib, Agg; written atomically)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -308,7 +318,8 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
     ax1.plot(epochs, [e["train_loss"] for e in history], "o-", color="tab:blue")
     ax1.set(xlabel="epoch", ylabel="training loss", title="loss")
     ax1.grid(alpha=0.3)
-    val = [(e["epoch"], e["val_miou"]) for e in history if e.get("val_miou") is not None]
+    key, name = metric
+    val = [(e["epoch"], e[key]) for e in history if e.get(key) is not None and e[key] == e[key]]
     if val:
         ax2.plot([v[0] for v in val], [v[1] for v in val], "o-", color="tab:green")
         best = max(val, key=lambda v: v[1])
@@ -316,7 +327,7 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
         ax2.set_ylim(0, 1)
     else:
         ax2.text(0.5, 0.5, "no held-out data\n(--val-data)", ha="center", va="center", transform=ax2.transAxes)
-    ax2.set(xlabel="epoch", ylabel="mIoU", title="held-out mIoU")
+    ax2.set(xlabel="epoch", ylabel=name, title=f"held-out {name}")
     ax2.grid(alpha=0.3)
     for ax in (ax1, ax2):
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -330,6 +341,7 @@ def plot_curves(history: list[dict], path: str | Path, title: str = "") -> Path:
 
 
 DEFAULT_AUGMENT = {"hflip": 0.5, "scale": (0.75, 1.25), "brightness": 0.2, "contrast": 0.2, "saturation": 0.2}
+INSTANCE_LOSS = "model"  # instance models' settings name no loss: they bring their own
 _SETTINGS_DEFAULTS = {"loss": "ce", "epochs": 5, "batch_size": 8, "lr": 1e-3, "size": (256, 256), "seed": 0, "augment": True}
 
 
@@ -347,7 +359,7 @@ def train_model(model: str | None, data, *, out: str | Path, val_data=None, loss
     Returns {"history", "checkpoint", "curves", "best_val_miou", ...}.
     """
     from edgeseg import models
-    from edgeseg.data import DatasetError, open_dataset
+    from edgeseg.data import DatasetError, open_dataset, open_instances
     from edgeseg.data.augment import Augment
     from edgeseg.losses import build_loss
 
@@ -362,23 +374,31 @@ def train_model(model: str | None, data, *, out: str | Path, val_data=None, loss
                              "start a new run with --model and fine-tune from its weights instead")
         if model and model not in (ckpt["arch"]["name"], models.DEFAULT):
             raise TrainError(f"--model {model} differs from the checkpoint's {ckpt['arch']['name']}; drop --model to resume")
+    arch_name = ckpt["arch"]["name"] if ckpt is not None else model
+    # instance models (Mask R-CNN) read instance data and minimise their own objective
+    instance = arch_name in models.available() and models.task(arch_name) == "instance-segmentation"
+    if instance:
+        if loss is not None:
+            raise TrainError(f"{arch_name} trains on its own objective (its detection and mask losses); drop --loss")
+        given["loss"] = INSTANCE_LOSS
     settings = {k: (v if v is not None else state.get("settings", {}).get(k, _SETTINGS_DEFAULTS[k])) for k, v in given.items()}
     settings["size"] = tuple(int(v) for v in settings["size"])
     if ckpt is not None and ckpt.get("preprocess") and tuple(ckpt["preprocess"]["size"]) != settings["size"]:
         raise TrainError(f"--size {settings['size']} differs from the checkpoint's {tuple(ckpt['preprocess']['size'])}; "
                          "a run resumes at its own input size")
-    train_reader = open_dataset(data, split="train") if isinstance(data, str) else data
+    opener = open_instances if instance else open_dataset
+    train_reader = opener(data, split="train") if isinstance(data, str) else data
     if val_data is not None:
-        val_reader = open_dataset(val_data, split="val") if isinstance(val_data, str) else val_data
+        val_reader = opener(val_data, split="val") if isinstance(val_data, str) else val_data
     elif isinstance(data, str) and getattr(train_reader, "has_splits", False):
         try:
-            val_reader = open_dataset(data, split="val")
+            val_reader = opener(data, split="val")
         except DatasetError:
             val_reader = None
     else:
         val_reader = None
     if val_reader is None and progress:
-        print("no held-out data (give --val-data): mIoU is not measured during training", flush=True)
+        print(f"no held-out data (give --val-data): {'mask AP' if instance else 'mIoU'} is not measured during training", flush=True)
     labels = list(train_reader.labels)
     palette = getattr(train_reader, "palette", None)
     if ckpt is not None:
@@ -423,11 +443,21 @@ def train_model(model: str | None, data, *, out: str | Path, val_data=None, loss
         raise TrainError(f"--size {settings['size'][0]} {settings['size'][1]}: {net.edgeseg_arch['name']} needs "
                          f"multiples of {multiple}")
 
-    loss_fn = build_loss(settings["loss"], ignore_index=255)
     pre = Preprocess(size=settings["size"])
-    aug = Augment(**DEFAULT_AUGMENT) if settings["augment"] else None
-    train_ds = ReaderDataset(train_reader, pre, aug, seed=settings["seed"])
-    val_ds = ReaderDataset(val_reader, pre) if val_reader is not None else None
+    if instance:
+        from edgeseg.train_instances import InstanceReaderDataset, collate_instances, validation
+
+        loss_fn, val_ds = None, None
+        train_ds = InstanceReaderDataset(train_reader, pre, augment=settings["augment"], seed=settings["seed"])
+        fit_options = {"collate_fn": collate_instances, "clip_grad": 10.0,
+                       "validate": validation(val_reader, pre, labels) if val_reader is not None else None}
+        metric = ("val_mask_ap50", "mask AP50")
+    else:
+        loss_fn = build_loss(settings["loss"], ignore_index=255)
+        aug = Augment(**DEFAULT_AUGMENT) if settings["augment"] else None
+        train_ds = ReaderDataset(train_reader, pre, aug, seed=settings["seed"])
+        val_ds = ReaderDataset(val_reader, pre) if val_reader is not None else None
+        fit_options, metric = {}, ("val_miou", "mIoU")
     start_epoch = int(state.get("epoch", 0))
     if start_epoch >= settings["epochs"]:
         raise TrainError(f"{resume} already finished {start_epoch} epochs; pass --epochs above {start_epoch} to train on")
@@ -445,14 +475,15 @@ def train_model(model: str | None, data, *, out: str | Path, val_data=None, loss
             "val_data": val_data if isinstance(val_data, str) or val_data is None else type(val_data).__name__,
         }
         models.save_checkpoint(net, out, labels=labels, palette=palette, preprocess=pre, extra=extra)
-        plot_curves(hist, curves, title=f"{net.edgeseg_arch['name']} - {settings['loss']}")
+        plot_curves(hist, curves, title=f"{net.edgeseg_arch['name']} - {settings['loss']}", metric=metric)
 
     history = fit(net, train_ds, val_ds, num_classes=num_classes, epochs=settings["epochs"],
                   batch_size=settings["batch_size"], lr=settings["lr"], loss_fn=loss_fn, seed=settings["seed"],
                   on_epoch=save, progress=progress, start_epoch=start_epoch,
-                  optimizer_state=state or None, num_workers=num_workers, history=prior)
+                  optimizer_state=state or None, num_workers=num_workers, history=prior, **fit_options)
     return {"history": history.epochs, "checkpoint": str(out), "curves": str(curves),
-            "best_val_miou": history.best(), "epochs": settings["epochs"], "resumed_from": start_epoch}
+            "best_val_miou": history.best(), "metric": metric[1], "best": history.best(metric[0]),
+            "epochs": settings["epochs"], "resumed_from": start_epoch}
 
 
 def main(argv=None):

@@ -78,8 +78,8 @@ def test_interrupted_run_resumes_exactly(folder, tmp_path, monkeypatch):
     # the same run, interrupted right after epoch 1 was saved
     real_plot = train.plot_curves
 
-    def plot_then_stop(history, path, title=""):
-        real_plot(history, path, title)
+    def plot_then_stop(history, path, title="", **kw):
+        real_plot(history, path, title, **kw)
         raise KeyboardInterrupt
 
     run = tmp_path / "run.pt"

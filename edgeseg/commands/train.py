@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         model_kwargs=parse_model_args(args.model_arg), backbone_weights=args.backbone_weights, seed=args.seed,
         augment=args.augment, num_workers=args.workers, progress=not args.quiet,
     )
-    best = result["best_val_miou"]
-    best_text = f", best held-out mIoU {best:.4f}" if best == best else ""
+    best = result["best"]
+    best_text = f", best held-out {result['metric']} {best:.4f}" if best == best else ""
     print(f"trained {result['epochs']} epochs{best_text}; checkpoint {result['checkpoint']}, curves {result['curves']}")
     return 0

@@ -20,6 +20,7 @@ from edgeseg.models.registry import (
     register,
     save_checkpoint,
     suggest,
+    task,
     unknown_model,
 )
 
@@ -27,4 +28,4 @@ from edgeseg.models.registry import (
 from edgeseg.models import deeplabv3plus, fastfcn, gscnn, lraspp, maskrcnn, resnet, unet  # noqa: E402,F401
 
 __all__ = ["DEFAULT", "ModelError", "available", "create", "describe", "load_checkpoint", "names", "read_checkpoint", "register",
-           "save_checkpoint", "suggest", "unknown_model"]
+           "save_checkpoint", "suggest", "task", "unknown_model"]

@@ -91,17 +91,26 @@ def grid_anchors(size: int, stride: int, grid: tuple[int, int], ratios=(0.5, 1.0
 
 
 # -- NMS ---------------------------------------------------------------------------------------
-def _greedy(suppress, k: int) -> list[int]:
-    """Greedy NMS over candidates sorted best first: suppress[i, j] says whether i removes j."""
-    removed = np.zeros(len(suppress), bool)
-    kept = []
-    for i in range(len(suppress)):
-        if removed[i]:
-            continue
-        kept.append(i)
-        if len(kept) == k:
-            break
-        removed |= suppress[i]
+def _greedy(boxes: np.ndarray, iou_threshold: float, k: int) -> list[int]:
+    """Greedy NMS over float32 boxes (n, 4) sorted best first: the indices kept, at most k.
+
+    Each kept box is compared with the candidates still alive only (the survivors shrink every
+    round), so the cost is kept x candidates, not candidates squared. The arithmetic is box_iou's,
+    in float32, so the answers are the same."""
+    x1, y1, x2, y2 = boxes.T
+    area = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    alive = np.arange(len(boxes))
+    kept: list[int] = []
+    while alive.size and len(kept) < k:
+        i, rest = alive[0], alive[1:]
+        kept.append(int(i))
+        w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
+        h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
+        inter = w * h
+        union = area[i] + area[rest] - inter
+        ok = (area[i] > 0) & (area[rest] > 0) & (union > 0)
+        iou = np.where(ok, inter / np.maximum(union, np.float32(1e-12)), np.float32(0))
+        alive = rest[iou <= iou_threshold]
     return kept
 
 
@@ -114,8 +123,7 @@ def _nms_topk(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, s
     for b in range(n):
         order = scores[b].argsort(descending=True, stable=True)
         cand = order[scores[b, order] > score_threshold]
-        box = boxes[b, cand].float()
-        kept = cand[_greedy((box_iou(box, box) > iou_threshold).cpu().numpy(), k)]
+        kept = cand[_greedy(boxes[b, cand].float().cpu().numpy(), iou_threshold, k)]
         index[b, : len(kept)] = kept
         valid[b, : len(kept)] = True
     return index, valid

@@ -14,6 +14,7 @@ from edgeseg.errors import EdgesegError, option
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}
 _DOCS: dict[str, str] = {}
+_TASKS: dict[str, str] = {}
 CHECKPOINT_FORMAT = "edgeseg-checkpoint-1"
 
 
@@ -21,13 +22,15 @@ class ModelError(EdgesegError, ValueError):
     """An unknown architecture or an unreadable checkpoint."""
 
 
-def register(name: str):
-    """Decorator: register a factory `f(num_classes, **kw) -> nn.Module` under `name`."""
+def register(name: str, task: str = "semantic-segmentation"):
+    """Decorator: register a factory `f(num_classes, **kw) -> nn.Module` under `name`; `task` is
+    what its networks do (semantic-segmentation | instance-segmentation), known before building one."""
 
     def deco(fn):
         if name in _REGISTRY:
             raise ModelError(f"model {name!r} is already registered")
         _REGISTRY[name] = fn
+        _TASKS[name] = task
         _DOCS[name] = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         return fn
 
@@ -37,6 +40,15 @@ def register(name: str):
 def available() -> list[str]:
     """Names of the registered architectures."""
     return sorted(_REGISTRY)
+
+
+def task(name: str) -> str:
+    """The task of a registered architecture, or of 'default' (semantic)."""
+    if name == DEFAULT:
+        return "semantic-segmentation"
+    if name not in _REGISTRY:
+        raise unknown_model(name)
+    return _TASKS[name]
 
 
 def describe() -> dict[str, str]:
