@@ -161,11 +161,24 @@ def _from_onnx(path: Path) -> SourceModel:
         src.labels, src.palette = d.get("labels", []), d.get("palette", [])
         if d.get("preprocess"):
             src.preprocess = Preprocess.from_dict(d["preprocess"])
+        if d.get("task") == "instance-segmentation":
+            src.info.update(task="instance-segmentation", instances=d.get("instances"))
+    elif _is_ultralytics(meta):
+        from converters.yolo_import import read_ultralytics
+
+        src.labels, src.preprocess, layout = read_ultralytics(m, meta, str(path))
+        src.info.update(task="instance-segmentation", instances=layout.to_dict(), format="ultralytics-yolo-seg")
     else:
         dims = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim]
         if len(dims) == 4 and dims[2] > 0 and dims[3] > 0:
             src.preprocess = Preprocess(size=(dims[2], dims[3]))
     return src
+
+
+def _is_ultralytics(meta: dict) -> bool:
+    from converters.yolo_import import is_ultralytics
+
+    return is_ultralytics(meta)
 
 
 def _from_zoo(name: str, model_args: dict, labels: list[str] | None) -> SourceModel:
@@ -242,6 +255,8 @@ def _state_hash(model) -> str:
 
 
 def _count_classes(src: SourceModel) -> int:
+    if src.model is not None and getattr(src.model, "task", None) == "instance-segmentation":
+        return int(src.model.num_classes)
     if src.model is not None:
         return int(_torch_logits(_OutputAdapter(src.model), np.zeros(src.preprocess.input_shape, np.float32)).shape[1])
     import onnx
@@ -486,11 +501,21 @@ def _torch_logits(model, batch: np.ndarray) -> np.ndarray:
 def convert(source, out: str | os.PathLike, *, dynamic: bool = False, fold_normalization: bool = False,
             argmax: bool = False, opset: int = DEFAULT_OPSET, simplify: bool = True, labels: list[str] | None = None,
             preprocess: Preprocess | None = None, input_size: tuple[int, int] | None = None,
-            parity_frames: int = 8, model_args: dict | None = None, exporter: str = "auto") -> Bundle:
-    """Convert a model into a bundle with `model.onnx`, checked for parity. Replaces `out` atomically."""
+            parity_frames: int = 8, model_args: dict | None = None, exporter: str = "auto", instance_tail: bool = False,
+            max_detections: int | None = None) -> Bundle:
+    """Convert a model into a bundle with `model.onnx`, checked for parity. Replaces `out` atomically.
+    Instance models (and YOLO-seg-layout ONNX files) go through `converters.instance_export`;
+    `instance_tail` puts their NMS and mask assembly in the graph."""
     from converters.parity import check_parity
 
     src = load_source(source, labels=labels, preprocess=preprocess, input_size=input_size, model_args=model_args)
+    if src.info.get("task") == "instance-segmentation" or getattr(src.model, "task", None) == "instance-segmentation":
+        from converters.instance_export import convert_instances
+
+        return convert_instances(src, out, instance_tail=instance_tail, fold_normalization=fold_normalization, opset=opset,
+                                 simplify=simplify, max_detections=max_detections, dynamic=dynamic, argmax=argmax)
+    if instance_tail:
+        raise ConversionError(f"{option('instance_tail')} applies to instance-segmentation models; {src.name} is semantic")
     out = Path(out)
     if out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
         raise ConversionError(f"{out} exists and is not a bundle; choose an empty or new folder for --out")

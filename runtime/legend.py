@@ -18,7 +18,14 @@ MAX_LABEL = 24  # characters of a label drawn; longer ones end in '~'
 
 
 def present_classes(result) -> list[tuple[int, str, tuple[int, int, int], float]]:
-    """(index, label, RGB colour, pixel share) of each shown class in the frame, largest first."""
+    """(index, label, RGB colour, pixel share) of each shown class in the frame, largest first;
+    for an instance result (runtime.instances), the number of objects of each class instead."""
+    if hasattr(result, "class_id"):
+        ids, n = np.unique(result.class_id, return_counts=True)
+        rows = [(int(i), str(result.labels[i]) if i < len(result.labels) else f"class_{i}",
+                 tuple(int(v) for v in result.palette[i]) if i < len(result.palette) else (255, 255, 255), float(c))
+                for i, c in zip(ids.tolist(), n.tolist())]
+        return sorted(rows, key=lambda r: -r[3])
     counts = np.bincount(result.class_map.ravel(), minlength=result.num_classes)[: result.num_classes]
     total = max(1, result.class_map.size)
     skip = set(result.hidden) | ({result.background} if result.background is not None else set())
@@ -56,7 +63,10 @@ class Legend:
         h, w = image.shape[:2]
         scale = max(0.4, min(1.2, h / 720.0 * 0.6))
         thick = 1 if scale < 0.8 else 2
-        texts = [_ascii(label) + (f"  {100 * share:.1f}%" if self.shares else "") for _, label, _, share in rows]
+        if hasattr(result, "class_id"):  # objects per class
+            texts = [f"{_ascii(label)}  x{int(n)}" for _, label, _, n in rows]
+        else:
+            texts = [_ascii(label) + (f"  {100 * share:.1f}%" if self.shares else "") for _, label, _, share in rows]
         sizes = [cv2.getTextSize(t, FONT, scale, thick)[0] for t in texts]
         line = max(s[1] for s in sizes) + int(10 * scale) + 4
         swatch = line - 6

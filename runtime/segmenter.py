@@ -113,6 +113,9 @@ class Segmenter:
     `.backend_reason` say which and why). The runtime opens what the bundle holds;
     `edgeseg.Segmenter(..., build_missing=True)` also builds a missing TensorRT engine. precision: the artifact to use (fp32, fp16, int8...).
     smoothing / keep / ignore / threshold / scores / fill: see runtime.postprocess.Postprocessor.
+    Instance bundles (task instance-segmentation) give `runtime.instances.InstanceResult`s instead:
+    conf / iou / max_det / mask_threshold: see runtime.instance_postprocess; `track` (default on)
+    gives each object an id kept across frames (runtime.tracking, `track_iou`, `track_max_age`).
     engine_options go to the engine (ONNX Runtime: threads=, providers=). engine: an engine opened
     already (its `backend` attribute names it); then backend/engine_options are not used.
     gpu_frames: with a TensorRT engine, keep frames on the GPU (default); False runs the CPU path
@@ -123,11 +126,22 @@ class Segmenter:
 
     def __init__(self, bundle, backend: str = "auto", precision: str | None = None, smoothing: float = 0.0,
                  keep=None, ignore=None, threshold: float | None = None, scores: bool = False, fill: int | None = None,
-                 engine=None, backend_reason: str | None = None, gpu_frames: bool = True, **engine_options):
+                 engine=None, backend_reason: str | None = None, gpu_frames: bool = True, conf: float | None = None,
+                 iou: float | None = None, max_det: int | None = None, mask_threshold: float = 0.5, track: bool = True,
+                 track_iou: float = 0.3, track_max_age: int = 30, **engine_options):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.load(bundle)
         m = self.bundle.manifest
-        if m.task != "semantic-segmentation":
-            raise EdgesegError(f"bundle {self.bundle.path} is a {m.task!r} model; Segmenter runs semantic-segmentation bundles")
+        self.task = m.task
+        self.instances = m.task == "instance-segmentation"
+        if self.instances:
+            given = {k: v for k, v in dict(smoothing=smoothing, keep=keep, ignore=ignore, threshold=threshold, scores=scores,
+                                           fill=fill).items() if v not in (None, False, 0.0)}
+            if given:
+                raise EdgesegError(f"{', '.join(sorted(given))}: semantic class-map options; this bundle is an instance model "
+                                   "(filter its objects with conf=, iou=, max_det=, mask_threshold=)")
+        elif any(v is not None for v in (conf, iou, max_det)):
+            raise EdgesegError("conf, iou and max_det filter instance models' objects; this bundle is a semantic model "
+                               "(its options are threshold=, keep=, ignore=, smoothing=)")
         if engine is not None:
             self.backend, self.backend_reason = engine.backend, backend_reason or "engine given"
         else:
@@ -151,10 +165,15 @@ class Segmenter:
         self.precision = getattr(self.engine, "precision", precision)
         self.preprocess = m.preprocess
         self.labels, self.palette = list(m.labels), [list(c) for c in m.palette]
-        self._post_options = dict(smoothing=smoothing, keep=keep, ignore=ignore, threshold=threshold, scores=scores, fill=fill)
-        self.postprocessor = Postprocessor.from_manifest(m, **self._post_options)
+        if self.instances:
+            self._post_options = dict(conf=conf, iou=iou, max_det=max_det, mask_threshold=mask_threshold)
+            self._track_options = dict(iou_threshold=track_iou, max_age=track_max_age) if track else None
+        else:
+            self._post_options = dict(smoothing=smoothing, keep=keep, ignore=ignore, threshold=threshold, scores=scores, fill=fill)
+        self.postprocessor = self._make_postprocessor()
         names = [o.name for o in self.engine.outputs]
-        self._output = m.output_name if m.output_name in names else names[0]
+        # an instance model's post-processing reads every output by name (its layout)
+        self._output = None if self.instances else (m.output_name if m.output_name in names else names[0])
         self._apply = self.preprocess.apply
         self._gpu, self.frame_path = self._open_gpu_path(gpu_frames)
         self.stats = Stats()
@@ -167,6 +186,17 @@ class Segmenter:
         self._engine_lock = contextlib.nullcontext() if getattr(self.engine, "thread_safe", False) else threading.Lock()
         self._busy = threading.Lock()
 
+    def _make_postprocessor(self):
+        """A fresh post-processing stage: the class map for semantic bundles; for instance bundles
+        the objects (runtime.instance_postprocess), tracked (runtime.tracking) unless track=False."""
+        m = self.bundle.manifest
+        if not self.instances:
+            return Postprocessor.from_manifest(m, **self._post_options)
+        from runtime.instance_postprocess import InstancePostprocessor
+
+        post = InstancePostprocessor.from_manifest(m, **self._post_options)
+        return _Tracked(post, self._track_options) if self._track_options is not None else post
+
     def _open_gpu_path(self, wanted: bool):
         """(the GPU frame path or None, which path runs and why)."""
         from runtime.cuda.frames import GpuFramePath, is_device_engine
@@ -175,6 +205,8 @@ class Segmenter:
             return None, f"cpu: the {self.engine.backend} engine takes host arrays"
         if not wanted:
             return None, "cpu: gpu_frames=False"
+        if self.instances:
+            return None, "cpu: instance post-processing runs on the CPU (its cost follows the objects' area)"
 
         path = GpuFramePath(self.engine, self.bundle.manifest, self.postprocessor)
         how = "gpu" if path.on_gpu else f"gpu preprocessing and engine, postprocessing on the cpu: {path.why_cpu}"
@@ -185,15 +217,16 @@ class Segmenter:
     def _preprocess(self, image: np.ndarray):
         return self._apply(image)
 
-    def _infer(self, batch) -> np.ndarray:
-        return self.engine.infer(batch)[self._output]
+    def _infer(self, batch):
+        out = self.engine.infer(batch)
+        return out if self._output is None else out[self._output]
 
     def _stats_info(self, stats: Stats) -> None:
         stats.info.update({
             "bundle": str(self.bundle.path), "model": self.bundle.manifest.model.get("name"),
             "backend": self.backend, "backend_reason": self.backend_reason, "precision": self.precision,
             "input_size": list(self.preprocess.size), "output_kind": self.bundle.manifest.output_kind,
-            "frame_path": self.frame_path,
+            "frame_path": self.frame_path, "task": self.task,
         })
 
     # -- one frame --------------------------------------------------------------------------
@@ -214,7 +247,7 @@ class Segmenter:
             too = frame_size_problem(h * 2 // 3 if pixel_format == "nv12" else h, w, self.max_pixels)
             if too:
                 raise FrameError(f"cannot segment this frame: {too}")
-        if self.postprocessor.smoothing and not self._busy.acquire(blocking=False):
+        if getattr(self.postprocessor, "smoothing", 0) and not self._busy.acquire(blocking=False):
             raise EdgesegError("Segmenter.segment with smoothing is called from several threads at once: smoothing follows "
                                "one sequence of frames; use one Segmenter per thread, or smoothing=0")
         try:
@@ -223,7 +256,7 @@ class Segmenter:
                     return self._segment_gpu(frame, pixel_format)
             return self._segment_cpu(frame)
         finally:
-            if self.postprocessor.smoothing:
+            if getattr(self.postprocessor, "smoothing", 0):
                 self._busy.release()
 
     def _segment_cpu(self, frame: np.ndarray) -> SegmentationResult:
@@ -255,7 +288,7 @@ class Segmenter:
     __call__ = segment
 
     def reset(self) -> None:
-        """Forget the temporal smoothing state (between unrelated clips)."""
+        """Forget the temporal smoothing state, or the instance tracks (between unrelated clips)."""
         self.postprocessor.reset()
 
     # -- streams ----------------------------------------------------------------------------
@@ -314,9 +347,12 @@ class Segmenter:
         stats = Stats()
         self._stats_info(stats)
         self.stats = stats
-        post = Postprocessor.from_manifest(self.bundle.manifest, **self._post_options)
+        post = self._make_postprocessor()
         servers = [s for s in sinks if isinstance(s, ServerSink)]
-        plain = render or (lambda r: r.overlay(alpha=alpha, mode=mode))
+        if self.instances:  # masks, outlines and captions per object, coloured by track
+            plain = render or (lambda r: r.overlay(alpha=alpha))
+        else:
+            plain = render or (lambda r: r.overlay(alpha=alpha, mode=mode))
         annotator = Legend() if legend else None
 
         def draw(r: SegmentationResult, drawn: np.ndarray | None) -> np.ndarray:
@@ -364,7 +400,10 @@ class Segmenter:
             run = infer
             if run is None:
                 engine, output = self._engine_for(config.threads), self._output
-                run = lambda w: engine.infer(w.data)[output]  # noqa: E731
+                if output is None:
+                    run = lambda w: engine.infer(w.data)  # noqa: E731
+                else:
+                    run = lambda w: engine.infer(w.data)[output]  # noqa: E731
             return Pipeline(src, preprocess, run, postprocess, stats=stats,
                             max_frames=frames, queue_size=pipeline_options["queue_size"], stage_nice=config.stage_nice,
                             keep_source=keep_source)
@@ -510,6 +549,31 @@ class Segmenter:
     def __repr__(self) -> str:
         return (f"Segmenter({str(self.bundle.path)!r}, backend={self.backend!r} ({self.backend_reason}), "
                 f"precision={self.precision!r}, classes={len(self.labels)}, input={self.preprocess.size})")
+
+
+class _Tracked:
+    """Instance post-processing followed by the tracker: rows keep their id across frames. Calls
+    run one at a time (a tracker follows one sequence of frames)."""
+
+    def __init__(self, post, track_options: dict):
+        from runtime.tracking import IoUTracker
+
+        self.post, self.tracker = post, IoUTracker(**track_options)
+        self._lock = threading.Lock()
+
+    def __call__(self, outputs, frame_hw, **kw):
+        result = self.post(outputs, frame_hw, **kw)
+        with self._lock:
+            tracked = self.tracker.update(result)
+        tracked.timings = result.timings
+        return tracked
+
+    def reset(self) -> None:
+        with self._lock:
+            self.tracker.reset()
+
+    def __getattr__(self, name):
+        return getattr(self.post, name)
 
 
 def _check_images_out(src: Source, sink: Sink) -> None:

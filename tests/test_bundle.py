@@ -153,6 +153,9 @@ def test_schema_is_valid_and_python_vocabularies_come_from_it():
     assert tuple(layout["layout"]["enum"]) == instance_layout.LAYOUTS
     assert (layout["num_classes"]["maximum"], layout["num_masks"]["maximum"], layout["max_detections"]["maximum"]) == (
         instance_layout.MAX_CLASSES, instance_layout.MAX_MASKS, instance_layout.MAX_DETECTIONS)
+    # every field of the layout is in the schema (which refuses unknown ones), with the same choices
+    assert set(layout) == set(instance_layout.InstanceLayout.__dataclass_fields__)
+    assert tuple(layout["mask_space"]["enum"]) == instance_layout.MASK_SPACES
 
 
 def test_schema_ships_with_the_package():

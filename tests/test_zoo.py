@@ -23,12 +23,13 @@ SMALL = {
     "fastfcn_resnet": dict(depth=18, width=0.5, jpu_width=32, head_channels=32),
     "gscnn_resnet": dict(depth=18, width=0.5, aspp_channels=32, decoder_channels=32, shape_channels=16),
     # every candidate is kept (score threshold 0), so parity compares full, untrained detection lists
+    "yoloseg": dict(width=0.5, channels=16, num_masks=8, proto_channels=16),
     "maskrcnn_resnet": dict(depth=18, width=0.25, fpn_channels=32, anchor_sizes=(8, 16, 32, 64), rpn_pre_nms_top_n=(200, 100),
                             rpn_post_nms_top_n=(100, 50), box_batch_size_per_image=32, rpn_batch_size_per_image=64,
                             detections_per_img=12, representation_size=64, mask_channels=16, mask_convs=2, mask_pool=7,
                             box_score_thresh=0.0),
 }
-INSTANCE_MODELS = ("maskrcnn_resnet",)
+INSTANCE_MODELS = ("maskrcnn_resnet", "yoloseg")
 SEMANTIC_MODELS = [n for n in models.available() if n not in INSTANCE_MODELS]
 NUM_CLASSES = 3
 SIZE = (64, 64)
@@ -313,3 +314,107 @@ def test_maskrcnn_trains_exports_and_converts(tmp_path):
             warnings.simplefilter("ignore")
             ct.convert(program, inputs=[ct.TensorType(name="input", shape=(1, 3, *SIZE))], convert_to="mlprogram",
                        minimum_deployment_target=ct.target.iOS16, skip_model_load=True)
+
+
+# -- YOLO-seg ------------------------------------------------------------------------------------
+def toy_padded_instances():
+    """toy_instances as the padded batch edgeseg's instance training gives (classes -1 = padding,
+    masks at 1/4 of the input as coverage 0..255)."""
+    x, targets = toy_instances()
+    g = max(len(t["labels"]) for t in targets)
+    boxes, classes = torch.zeros(2, g, 4), torch.full((2, g), -1, dtype=torch.long)
+    masks = torch.zeros(2, g, SIZE[0] // 4, SIZE[1] // 4, dtype=torch.uint8)
+    for i, t in enumerate(targets):
+        k = len(t["labels"])
+        boxes[i, :k], classes[i, :k] = t["boxes"], t["labels"]
+        masks[i, :k] = (torch.nn.functional.avg_pool2d(t["masks"][:, None].float(), 4)[:, 0] * 255).round().to(torch.uint8)
+    return x, {"boxes": boxes, "classes": classes, "masks": masks}
+
+
+@pytest.mark.parametrize("encoder", ["mobilenetv3_small", "resnet18"])
+def test_yoloseg_trains_exports_and_converts(encoder, tmp_path):
+    torch.manual_seed(0)
+    kw = dict(SMALL["yoloseg"], encoder=encoder, **(dict(width=0.25) if encoder == "resnet18" else {}))
+    model = models.create("yoloseg", num_classes=NUM_CLASSES, **kw)
+    assert model.task == "instance-segmentation" and SIZE[0] % model.input_multiple == 0
+    assert models.task("yoloseg") == "instance-segmentation"
+
+    # -- trains: box, class and mask losses fall on a fixed batch
+    x, targets = toy_padded_instances()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    totals = []
+    for _ in range(8):
+        loss = model.training_loss(x, targets)
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        totals.append(float(loss.detach()))
+    assert min(totals[-3:]) < totals[0], f"losses {totals}"
+
+    # -- exports: the yolo layout, no data-dependent ops in the body, outputs matching torch
+    import onnx
+    import onnxruntime as ort
+
+    from converters.instance_export import export_instance_onnx, tail_module
+    from edgeseg.instance_layout import InstanceLayout
+
+    model.eval()
+    pre = Preprocess(size=SIZE)
+    layout = InstanceLayout.from_dict(model.instance_layout())
+    A = sum((SIZE[0] // s) * (SIZE[1] // s) for s in (8, 16, 32))
+    body = tmp_path / "body.onnx"
+    export_instance_onnx(model, body, preprocess=pre, layout=layout)
+    ops = {n.op_type for n in onnx.load(str(body)).graph.node}
+    assert not ops & {"Shape", "NonZero", "Loop", "If"}, f"data-dependent ops {ops & {'Shape', 'NonZero', 'Loop', 'If'}}"
+    sess = ort.InferenceSession(str(body), providers=["CPUExecutionProvider"])
+    frame = torch.randn(1, 3, *SIZE, generator=torch.Generator().manual_seed(1))
+    pred, protos = sess.run(None, {"input": frame.numpy()})
+    with torch.no_grad():
+        ref_pred, ref_protos = (t.numpy() for t in model(frame))
+    assert pred.shape == (1, 4 + NUM_CLASSES + 8, A) and protos.shape == (1, 8, SIZE[0] // 4, SIZE[1] // 4)
+    np.testing.assert_allclose(pred, ref_pred, atol=1e-3, rtol=1e-4)
+    np.testing.assert_allclose(protos, ref_protos, atol=1e-4, rtol=1e-4)
+
+    # -- the in-graph tail: NonMaxSuppression and TopK inside, fixed-size outputs
+    tail, tail_layout = tail_module(model, layout, max_detections=10, score_threshold=0.0)
+    tail_path = tmp_path / "tail.onnx"
+    export_instance_onnx(tail, tail_path, preprocess=pre, layout=tail_layout)
+    tail_ops = {n.op_type for n in onnx.load(str(tail_path)).graph.node}
+    assert {"NonMaxSuppression", "TopK"} <= tail_ops and not tail_ops & {"Loop", "If", "NonZero"}
+    got = ort.InferenceSession(str(tail_path), providers=["CPUExecutionProvider"]).run(None, {"input": frame.numpy()})
+    assert [g.shape for g in got] == [(1, 10, 4), (1, 10), (1, 10), (1, 10, SIZE[0] // 4, SIZE[1] // 4)]
+
+    # -- TensorRT preflight: nothing in the way, body and tail
+    from converters.tensorrt import preflight
+
+    for path in (body, tail_path):
+        errors = [p for p in preflight(str(path)) if p.severity == "error"]
+        assert not errors, "; ".join(map(str, errors))
+
+    # -- Core ML converts the body (an ML program; predict needs macOS)
+    import coremltools as ct
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(model, (torch.zeros(1, 3, *SIZE),)).run_decompositions({})
+        mlmodel = ct.convert(program, inputs=[ct.TensorType(name="input", shape=(1, 3, *SIZE))], convert_to="mlprogram",
+                             minimum_deployment_target=ct.target.iOS17, skip_model_load=True)
+    ml_path = tmp_path / "yoloseg.mlpackage"
+    mlmodel.save(str(ml_path))
+    spec = ct.utils.load_spec(str(ml_path))
+    assert spec.WhichOneof("Type") == "mlProgram" and len(spec.description.output) == 2
+    # the tail too, its NMS lowered to Core ML's non_maximum_suppression (iOS17: converters.coreml.detection_ops)
+    from converters.coreml.detection_ops import register
+
+    register()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(tail, (torch.zeros(1, 3, *SIZE),)).run_decompositions({})
+        mlmodel = ct.convert(program, inputs=[ct.TensorType(name="input", shape=(1, 3, *SIZE))], convert_to="mlprogram",
+                             minimum_deployment_target=ct.target.iOS17, skip_model_load=True)
+    mlmodel.save(str(tmp_path / "tail.mlpackage"))
+    spec = ct.utils.load_spec(str(tmp_path / "tail.mlpackage"))
+    ops = {op.type for f in spec.mlProgram.functions.values() for b in f.block_specializations.values() for op in b.operations}
+    assert "non_maximum_suppression" in ops and len(spec.description.output) == 4

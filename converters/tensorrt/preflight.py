@@ -252,6 +252,12 @@ def _check_node(node, constants) -> list[Problem]:
                            "engine; an application loading the engine itself calls trt.init_libnvinfer_plugins(logger, '') "
                            "first, and a version-compatible engine needs the nvinfer_vc_plugin library beside it",
                            severity="warning"))
+    elif op == "NonMaxSuppression":
+        # the parser builds INonMaxSuppressionLayer with the box limit and both thresholds read as constants
+        for i, what in ((2, "max_output_boxes_per_class"), (3, "iou_threshold"), (4, "score_threshold")):
+            if len(node.input) > i and node.input[i] and node.input[i] not in constants:
+                out.append(Problem(name, op, f"{what} is computed at run time; TensorRT takes it as a constant",
+                                   "bake the value into the graph (edgeseg's --instance-tail does)"))
     elif op == "ScatterND" and _text(a.get("reduction", "none")) != "none":
         out.append(Problem(name, op, "ScatterND with a reduction is not supported", "scatter without reduction"))
     elif op == "LayerNormalization" and len([o for o in node.output if o]) > 1:

@@ -25,7 +25,7 @@ from edgeseg.models.registry import (
 )
 
 # Importing the architecture modules registers them.
-from edgeseg.models import deeplabv3plus, fastfcn, gscnn, lraspp, maskrcnn, resnet, unet  # noqa: E402,F401
+from edgeseg.models import deeplabv3plus, fastfcn, gscnn, lraspp, maskrcnn, resnet, unet, yoloseg  # noqa: E402,F401
 
 __all__ = ["DEFAULT", "ModelError", "available", "create", "describe", "load_checkpoint", "names", "read_checkpoint", "register",
            "save_checkpoint", "suggest", "task", "unknown_model"]
