@@ -128,3 +128,44 @@ def test_maskrcnn_backbone_weights_from_torchvision_style_files(tmp_path):
     torch.save({"unrelated.weight": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="no tensor fits the ResNet-18 backbone"):
         models.create("maskrcnn_resnet", num_classes=3, backbone_weights=str(tmp_path / "other.pth"), **kw)
+
+
+def test_compact_preset_exports_with_parity(tmp_path):
+    """The preset `edgeseg train` documents, exported as the zoo test exports: fixed shapes,
+    RoiAlign (half_pixel) and NonMaxSuppression inside, ONNX Runtime's detections equal torch's."""
+    import warnings
+
+    import onnx
+    import onnxruntime as ort
+
+    from edgeseg.models.maskrcnn import OUTPUTS, PRESETS
+
+    torch.manual_seed(0)
+    model = models.create("maskrcnn_resnet", num_classes=4, preset="compact", box_score_thresh=0.0).eval()
+    assert model.backbone.body.depth == 18 and model.detections_per_img == PRESETS["compact"]["detections_per_img"]
+    size = (64, 96)
+    path = tmp_path / "compact.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(1, 3, *size),), str(path), dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=list(OUTPUTS))
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("NonMaxSuppression") == 2 and ops.count("RoiAlign") == 2  # RPN + box head; box + mask pooling
+    assert [d.dim_value for d in graph.output[3].type.tensor_type.shape.dim] == [1, 20, 14, 14]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ds = SyntheticInstances(size=size, length=2, split="test")
+    pre = Preprocess(size=size)
+    for i in range(2):
+        x = pre.apply(ds[i][0])
+        got = dict(zip(OUTPUTS, sess.run(None, {"input": x})))
+        with torch.no_grad():
+            ref = {k: v.numpy() for k, v in zip(OUTPUTS, model(torch.from_numpy(x)))}
+        assert (ref["scores"] > 0).sum() == 20
+        np.testing.assert_array_equal(got["classes"], ref["classes"])
+        np.testing.assert_allclose(got["scores"], ref["scores"], atol=1e-5)
+        np.testing.assert_allclose(got["boxes"], ref["boxes"], atol=1e-3)
+        a, b = got["masks"][0] > 0.5, ref["masks"][0] > 0.5
+        union = (a | b).sum((1, 2))
+        iou = np.where(union > 0, (a & b).sum((1, 2)) / np.maximum(union, 1), 1.0)
+        assert iou.min() >= 0.99, iou
