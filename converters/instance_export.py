@@ -94,8 +94,6 @@ def tail_module(body, layout: InstanceLayout, max_detections: int | None = None,
             masks = masks * inside * live[..., None, None]
             return kb, ks, kc, masks
 
-    if K > layout.max_detections and max_detections is None:
-        raise ConversionError("max_detections exceeds the layout's")
     module = Tail(body).eval()
     out_layout = InstanceLayout("detections", nc, nm, outputs={r: r for r in OUTPUT_ROLES["detections"]},
                                 score_threshold=conf, iou_threshold=iou, max_detections=K, mask_margin=int(mask_margin))
@@ -264,7 +262,14 @@ def convert_instances(src, out, *, instance_tail: bool = False, fold_normalizati
         if layout.layout != "yolo":
             raise ConversionError(f"--instance-tail adds NMS and mask assembly to yolo-layout networks; this one's outputs are "
                                   f"the {layout.layout!r} layout, which has them already")
-        graph, graph_layout = tail_module(model, layout, max_detections=max_detections)
+        torch = _torch()
+        with torch.no_grad():
+            anchors = int(model(torch.zeros(1, 3, *pre.size))[0].shape[-1])
+        K = int(max_detections or layout.max_detections)
+        if not 1 <= K <= 3000:
+            raise ConversionError(f"--max-detections must be 1..3000 (TensorRT's TopK limit is below 3840), got {K}")
+        # NMS cannot keep more rows than there are anchors: a small input has fewer than K
+        graph, graph_layout = tail_module(model, layout, max_detections=min(K, anchors))
     out = Path(out)
     if out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
         raise ConversionError(f"{out} exists and is not a bundle; choose an empty or new folder for --out")

@@ -62,3 +62,23 @@ def test_instance_segmenter_results_and_tracks(bundles, tmp_path):
     # semantic options are refused on instance bundles, naming the instance ones
     with pytest.raises(Exception, match="conf="):
         Segmenter(bundles[False].path, threshold=0.5)
+
+
+def test_eval_reports_box_and_mask_ap_per_artifact(bundles, capsys):
+    from edgeseg.cli import main
+
+    assert main(["eval", str(bundles[True].path), "--data", "synthetic:test?n=12&size=360x640", "--max-images", "12"]) == 0
+    out = capsys.readouterr().out
+    assert "box AP" in out and "mask AP" in out and "model.onnx" in out
+    from calibration.instance_accuracy import evaluate_instance_bundle
+
+    r = evaluate_instance_bundle(bundles[False].path, "synthetic:test?n=12&size=360x640")
+    assert r["images"] == 12 and r["results"][0]["mask"]["AP50"] > 0.5  # a trained model on its own kind of scenes
+
+
+def test_demo_task_instance_writes_overlay_and_stats(tmp_path):
+    from edgeseg.cli import main
+
+    assert main(["demo", "--task", "instance", "--frames", "8", "--out", str(tmp_path)]) == 0
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert (tmp_path / "overlay.mp4").stat().st_size > 0 and stats

@@ -26,6 +26,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; the dynamo exporter needs 18 or more)")
     p.add_argument("--labels", help="labels file (one per line) or comma-separated names")
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword for a factory (repeatable)")
+    p.add_argument("--instance-tail", action="store_true",
+                   help="instance models (yoloseg): put score filter, class-aware NMS (ONNX NonMaxSuppression), a fixed top-K "
+                        "(--max-detections) and mask assembly at prototype resolution in the graph, so the engine returns "
+                        "ready objects; default: raw outputs, post-processed by the runtime")
+    p.add_argument("--max-detections", type=int, default=None,
+                   help="with --instance-tail: the fixed number of object rows the graph returns (default: the model's, 100)")
     p.add_argument("--exporter", choices=("auto", "torchscript", "dynamo"), default="auto",
                    help="torch's ONNX exporter (default auto: TorchScript, then dynamo if it fails)")
     q = p.add_argument_group("int8")
@@ -83,6 +89,10 @@ def run(args) -> int:
                                   "(XNNPACK plans for it); convert with --input-size H W instead")
         kw.update(dynamic=args.dynamic, fold_normalization=args.fold_normalization, argmax=args.argmax,
                   opset=args.opset, exporter=args.exporter)
+        if args.instance_tail or args.max_detections is not None:
+            if args.max_detections is not None and not args.instance_tail:
+                raise ConversionError("--max-detections sizes the in-graph tail; add --instance-tail")
+            kw.update(instance_tail=True, max_detections=args.max_detections)
         bundle = convert(args.model, args.out, to=args.to, precision=precision, calib=args.calib, eval_data=args.eval_data,
                          calib_method=args.method, calib_target=args.target, max_miou_drop=args.max_miou_drop, **kw)
     else:
@@ -104,6 +114,9 @@ def describe_artifact(art) -> str:
     if art.target:
         parts.append(f"target={art.target}")
     p = art.parity
+    if "matched" in p:  # instance parity: objects matched one to one, mask IoU per match
+        parts.append(f"objects matched {p['matched']}/{p['detections_reference']} (converted {p['detections']}), "
+                     f"min mask IoU {p['min_mask_iou']:.4f}, {'pass' if p.get('ok') else 'FAIL'}")
     if "max_abs" in p:
         parts.append(f"max|Δlogit|={p['max_abs']:.2e}")
     if "mask_agreement" in p:
