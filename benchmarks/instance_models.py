@@ -124,20 +124,20 @@ def main(argv=None) -> int:
         engine, post = runners[name]
         post(engine.infer(inputs[i % len(inputs)]), frames[i % len(frames)].shape[:2])
 
-    results = {}
-    for label, step in (("engine", engine_only), ("engine+post", with_post)):
+    steps = {"engine": engine_only, "engine+post": with_post}
+    for name in runners:  # warm-up: first runs allocate and tune
+        for i in range(10):
+            with_post(name, i)
+    times = {(label, name): [] for label in steps for name in runners}
+    for _ in range(args.rounds):  # both models and both measures in every round: the same background load
         for name in runners:
-            for i in range(3):
-                step(name, i)
-        times = {name: [] for name in runners}
-        for _ in range(args.rounds):
-            for name in runners:
+            for label, step in steps.items():
                 t0 = time.perf_counter()
                 for i in range(args.runs):
                     step(name, i)
-                times[name].append((time.perf_counter() - t0) / args.runs * 1e3)
+                times[label, name].append((time.perf_counter() - t0) / args.runs * 1e3)
                 time.sleep(0.1)  # ONNX Runtime's workers spin for a while after a run
-        results[label] = {name: statistics.median(v) for name, v in times.items()}
+    results = {label: {name: statistics.median(times[label, name]) for name in runners} for label in steps}
     tmp.cleanup()
 
     print(f"CPU: {cpu_description()}; ONNX Runtime, {args.threads} threads; input {size[0]}x{size[1]}; "

@@ -169,3 +169,28 @@ def test_compact_preset_exports_with_parity(tmp_path):
         union = (a | b).sum((1, 2))
         iou = np.where(union > 0, (a & b).sum((1, 2)) / np.maximum(union, 1), 1.0)
         assert iou.min() >= 0.99, iou
+
+
+def test_maskrcnn_bundle_runs_through_the_segmenter(tmp_path):
+    """`edgeseg convert` of a Mask R-CNN checkpoint gives an instance bundle (detections layout,
+    box-relative masks, parity on matched objects) that `Segmenter` runs to InstanceResults."""
+    from converters.onnx import convert
+    from edgeseg import Segmenter
+    from runtime.instances import InstanceResult
+
+    torch.manual_seed(0)
+    model = models.create("maskrcnn_resnet", num_classes=4, preset="compact", box_score_thresh=0.0)
+    ckpt = tmp_path / "m.pt"
+    models.save_checkpoint(model, ckpt, labels=SyntheticInstances.labels, palette=SyntheticInstances.palette,
+                           preprocess=Preprocess(size=(64, 64)))
+    bundle = convert(str(ckpt), tmp_path / "bundle", parity_frames=2)
+    m = bundle.manifest
+    assert m.task == "instance-segmentation" and m.output_kind == "instances"
+    assert m.instances["layout"] == "detections" and m.instances["mask_space"] == "box"
+    parity = m.artifacts[0].parity
+    assert parity["ok"] and parity["matched"] == parity["detections_reference"] > 0 and parity["min_mask_iou"] >= 0.99
+    seg = Segmenter(bundle, backend="onnxruntime")
+    frame = SyntheticInstances(size=(96, 128), length=1, split="test")[0][0]
+    r = seg.segment(frame)
+    assert isinstance(r, InstanceResult) and r.frame_size == (96, 128) and 0 < len(r) <= 20
+    assert r.masks().shape == (len(r), 96, 128) and set(r.names) <= set(SyntheticInstances.labels)
