@@ -82,3 +82,20 @@ def test_demo_task_instance_writes_overlay_and_stats(tmp_path):
     assert main(["demo", "--task", "instance", "--frames", "8", "--out", str(tmp_path)]) == 0
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert (tmp_path / "overlay.mp4").stat().st_size > 0 and stats
+
+
+def test_int8_instance_bundle_reports_mask_ap_before_and_after(bundles, tmp_path):
+    import shutil
+
+    from edgeseg.bundle import Bundle
+    from edgeseg.cli import main
+
+    b = tmp_path / "q"
+    shutil.copytree(bundles[False].path, b)
+    code = main(["calibrate", str(b), "--data", "synthetic:train?n=8&size=360x640", "--target", "cpu",
+                 "--eval-data", "synthetic:test?n=8&size=360x640", "--eval-max-images", "8", "--max-ap-drop", "100"])
+    assert code == 0
+    art = Bundle.load(b).select("onnxruntime", "int8")
+    m = art.metrics
+    assert art.target == "cpu" and m["within_budget"] and 0 <= m["mask_AP_int8"] <= 1 and m["mask_AP_fp32"] > 0.3
+    assert m["rounds"][0]["float_convs"] == 0

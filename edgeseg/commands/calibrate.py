@@ -18,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "from the bundle's model.fp32.tflite (the LiteRT quantizer)")
     p.add_argument("--max-miou-drop", type=float, default=0.5, metavar="POINTS",
                    help="accuracy budget in mIoU points; layers stay in float until INT8 meets it (default 0.5)")
+    p.add_argument("--max-ap-drop", type=float, default=None, metavar="POINTS",
+                   help="instance bundles: accuracy budget in mask AP points (COCO, pycocotools); convolutions nearest the "
+                        "outputs stay float, a few more per round, until INT8 meets it (default 2.0)")
     p.add_argument("--eval-data", help="held-out labelled data (default: synthetic:test for synthetic calibration data, "
                                        "else the unused frames of --data scored against FP32)")
     p.add_argument("--max-images", type=int, default=512, help="calibration frames to use (default 512)")
@@ -33,6 +36,10 @@ def run(args) -> int:
 
     from calibration import CalibrationWarning, calibrate_bundle
 
+    from edgeseg.bundle import Bundle
+
+    if Bundle.load(args.bundle).manifest.task == "instance-segmentation":
+        return _instance_int8(args)
     with warnings.catch_warnings():
         warnings.simplefilter("always", CalibrationWarning)  # printed as one line by the CLI
         if args.target in ENGINE_TARGETS:
@@ -48,6 +55,30 @@ def run(args) -> int:
     print(format_summary(summary))
     over = [t for t, s in summary["targets"].items() if s.get("within_budget") is False]
     return 1 if over else 0
+
+
+def _instance_int8(args) -> int:
+    """INT8 of an instance bundle, judged by mask AP (calibration.instance_int8)."""
+    from calibration.data import CalibrationError
+    from calibration.instance_int8 import calibrate_instance_bundle
+
+    if args.target not in ("cpu", "tensorrt", "both"):
+        raise CalibrationError("instance bundles calibrate for --target cpu, tensorrt or both")
+    code = 0
+    for target in (("cpu", "tensorrt") if args.target == "both" else (args.target,)):
+        s = calibrate_instance_bundle(args.bundle, args.data, target=target, method=args.method,
+                                      max_ap_drop=2.0 if args.max_ap_drop is None else args.max_ap_drop, eval_data=args.eval_data,
+                                      max_images=min(args.max_images, 256), eval_max_images=args.eval_max_images)
+        code |= _print_instance_int8(s)
+    return code
+
+
+def _print_instance_int8(s: dict) -> int:
+    print(f"{s['artifact']}: mask AP {s['mask_AP_fp32']:.4f} (FP32) -> {s['mask_AP_int8']:.4f} (INT8), "
+          f"{s['ap_drop_points']:+.2f} points drop, budget {s['max_ap_drop']:.2f}: "
+          f"{'within' if s['within_budget'] else 'OVER'}; {len(s['float_layers'])} convolutions kept float; "
+          f"mask AP50 {s['mask_AP50_fp32']:.4f} -> {s['mask_AP50_int8']:.4f} on {s['eval_images']} images")
+    return 0 if s["within_budget"] else 1
 
 
 def steps(message: str) -> None:
