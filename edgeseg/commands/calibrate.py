@@ -11,7 +11,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle folder with an FP32 ONNX model (from `edgeseg convert`)")
     p.add_argument("--data", required=True,
                    help="calibration frames: image folder, video file, or dataset spec (synthetic:train, voc:/path ...)")
-    p.add_argument("--method", choices=("minmax", "percentile", "entropy"), default="entropy", help="range method (default entropy)")
+    p.add_argument("--method", choices=("minmax", "percentile", "entropy"), default=None,
+                   help="range method (default entropy; minmax for instance bundles, whose box outputs entropy clips: "
+                        "measured mask AP 0.55 -> 0.00 with entropy, 0.50 with minmax on the default instance model)")
     p.add_argument("--target", choices=("tensorrt", "cpu", "both") + ENGINE_TARGETS, default="both",
                    help="tensorrt: symmetric int8 Q/DQ for TensorRT; cpu: uint8/int8 Q/DQ for ONNX Runtime on x86 (default both); "
                         "openvino: an NNCF INT8 IR (accuracy control within the budget); litert: full-integer INT8 .tflite "
@@ -47,7 +49,7 @@ def run(args) -> int:
             print(format_engine_summary(args.bundle, args.target, entry))
             return 1 if entry["metrics"].get("within_budget") is False else 0
         summary = calibrate_bundle(
-            args.bundle, args.data, method=args.method, target=args.target, max_miou_drop=args.max_miou_drop,
+            args.bundle, args.data, method=args.method or "entropy", target=args.target, max_miou_drop=args.max_miou_drop,
             eval_data=args.eval_data, max_images=args.max_images, eval_max_images=args.eval_max_images,
             sensitivity=not args.no_sensitivity, sensitivity_frames=args.sensitivity_frames, trt_version=args.trt_version,
             progress=steps,
@@ -66,7 +68,7 @@ def _instance_int8(args) -> int:
         raise CalibrationError("instance bundles calibrate for --target cpu, tensorrt or both")
     code = 0
     for target in (("cpu", "tensorrt") if args.target == "both" else (args.target,)):
-        s = calibrate_instance_bundle(args.bundle, args.data, target=target, method=args.method,
+        s = calibrate_instance_bundle(args.bundle, args.data, target=target, method=args.method or "minmax",
                                       max_ap_drop=2.0 if args.max_ap_drop is None else args.max_ap_drop, eval_data=args.eval_data,
                                       max_images=min(args.max_images, 256), eval_max_images=args.eval_max_images)
         code |= _print_instance_int8(s)
