@@ -98,4 +98,4 @@ def test_int8_instance_bundle_reports_mask_ap_before_and_after(bundles, tmp_path
     art = Bundle.load(b).select("onnxruntime", "int8")
     m = art.metrics
     assert art.target == "cpu" and m["within_budget"] and 0 <= m["mask_AP_int8"] <= 1 and m["mask_AP_fp32"] > 0.3
-    assert m["rounds"][0]["float_convs"] == 0
+    assert m["rounds"][0]["float_nodes"] == 0

@@ -21,8 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-miou-drop", type=float, default=0.5, metavar="POINTS",
                    help="accuracy budget in mIoU points; layers stay in float until INT8 meets it (default 0.5)")
     p.add_argument("--max-ap-drop", type=float, default=None, metavar="POINTS",
-                   help="instance bundles: accuracy budget in mask AP points (COCO, pycocotools); convolutions nearest the "
-                        "outputs stay float, a few more per round, until INT8 meets it (default 2.0)")
+                   help="instance bundles: accuracy budget in mask AP points (COCO, pycocotools); the nodes assembling the "
+                        "outputs, then the convolutions nearest them, stay float, a few more per round, until INT8 meets it "
+                        "(default 2.0)")
     p.add_argument("--eval-data", help="held-out labelled data (default: synthetic:test for synthetic calibration data, "
                                        "else the unused frames of --data scored against FP32)")
     p.add_argument("--max-images", type=int, default=512, help="calibration frames to use (default 512)")
@@ -78,7 +79,7 @@ def _instance_int8(args) -> int:
 def _print_instance_int8(s: dict) -> int:
     print(f"{s['artifact']}: mask AP {s['mask_AP_fp32']:.4f} (FP32) -> {s['mask_AP_int8']:.4f} (INT8), "
           f"{s['ap_drop_points']:+.2f} points drop, budget {s['max_ap_drop']:.2f}: "
-          f"{'within' if s['within_budget'] else 'OVER'}; {len(s['float_layers'])} convolutions kept float; "
+          f"{'within' if s['within_budget'] else 'OVER'}; {len(s['float_layers'])} nodes kept float; "
           f"mask AP50 {s['mask_AP50_fp32']:.4f} -> {s['mask_AP50_int8']:.4f} on {s['eval_images']} images")
     return 0 if s["within_budget"] else 1
 
