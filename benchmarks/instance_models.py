@@ -7,7 +7,8 @@ except the NMS inside Mask R-CNN, whose cost follows how many boxes score above 
 the output says which models were trained). Each is exported to ONNX with its outputs in its
 instance layout, simplified with onnxsim, and timed:
 
-* engine-only: `infer` on one preprocessed synthetic scene, interleaved rounds (both models see the
+* engine-only: `infer` on one preprocessed synthetic scene (sessions without spinning workers, so
+  neither takes the cores from the other between runs), interleaved rounds (both models see the
   same background load), median ms over rounds, and FPS = 1000 / ms;
 * engine + post-processing: the same plus the runtime's `InstancePostprocessor` to an
   `InstanceResult` at frame size (for yoloseg's raw layout, NMS and mask assembly happen there; for
@@ -109,7 +110,8 @@ def main(argv=None) -> int:
         path = Path(tmp.name) / f"{name}.onnx"
         t0 = time.perf_counter()
         export(model, path, size)
-        engine = OnnxRuntimeEngine(path, threads=args.threads)
+        # no spinning: two sessions' idle workers would otherwise take the cores from each other's runs
+        engine = OnnxRuntimeEngine(path, threads=args.threads, spinning=False)
         palette = [[(37 * i) % 256, (91 * i) % 256, (151 * i) % 256] for i in range(len(labels))]
         post = InstancePostprocessor(labels, palette, pre, model.instance_layout())
         runners[name] = (engine, post)
@@ -136,7 +138,6 @@ def main(argv=None) -> int:
                 for i in range(args.runs):
                     step(name, i)
                 times[label, name].append((time.perf_counter() - t0) / args.runs * 1e3)
-                time.sleep(0.1)  # ONNX Runtime's workers spin for a while after a run
     results = {label: {name: statistics.median(times[label, name]) for name in runners} for label in steps}
     tmp.cleanup()
 
