@@ -13,10 +13,10 @@ bundle as it was.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qsl
@@ -28,13 +28,17 @@ from edgeseg.errors import option
 log = logging.getLogger("edgeseg.calibration")
 
 TRT_CACHE = "calibration.cache"
+# without --eval-data, INT8 is measured on frames calibration does not use
+HELD_OUT_SHARE = 0.2
+MIN_HELD_OUT = 16
+MIN_CALIBRATION = 16
 
 
 def artifact_name(target: str) -> str:
     return f"model.int8.{target}.onnx"
 
 
-def calibrate_bundle(bundle_path: str | os.PathLike, data: Any, *, method: str = "entropy", target: str = "both",
+def calibrate_bundle(bundle_path: str | os.PathLike, data: Any, *, method: str | None = None, target: str = "both",
                      max_miou_drop: float = 0.5, eval_data: Any = None, max_images: int = 512,
                      eval_max_images: int = 200, sensitivity: bool = True, sensitivity_frames: int = 16,
                      trt_version: str | None = None, num_bins: int | None = None, percentile: float | None = None,
@@ -42,8 +46,12 @@ def calibrate_bundle(bundle_path: str | os.PathLike, data: Any, *, method: str =
     """Quantize a bundle's FP32 ONNX model to INT8 for `target` ("tensorrt", "cpu" or "both").
 
     data: calibration frames (image folder, video, dataset spec such as synthetic:train, reader, arrays).
-    eval_data: held-out labelled data for accuracy (default: synthetic:test when calibrating on
-    synthetic data, else the source's frames that calibration did not use, scored against FP32).
+    method: activation range method (minmax, percentile, entropy); None: each is tried and the one
+    whose INT8 graph loses least on the held-out frames is kept, per target.
+    eval_data: held-out data for accuracy (default: synthetic:test when calibrating on synthetic
+    data, the val split of a dataset, at least 16 frames of the source that calibration did not
+    read, else a share of the frames held out from calibration: 20%, at least 16). Without labels
+    INT8 is scored against FP32's class maps. Accuracy is always measured, and the budget enforced.
     max_miou_drop: accuracy budget in mIoU points (0.5 = half a percent); layers are kept in float
     until INT8 meets it. sensitivity: measure every layer's effect even when INT8 meets the budget
     (for the report). Returns a summary; the bundle gains the artifacts and the report.
@@ -52,7 +60,7 @@ def calibrate_bundle(bundle_path: str | os.PathLike, data: Any, *, method: str =
 
     say = progress or (lambda msg: log.info(msg))
     t_start = time.perf_counter()
-    if method not in METHODS:
+    if method is not None and method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}")
     targets = list(TARGETS) if target == "both" else [target]
     if any(t not in TARGETS for t in targets):
@@ -110,12 +118,22 @@ def calibration_frames(bundle, data: Any, eval_data: Any = None, *, max_images: 
     the ONNX Q/DQ presets here, OpenVINO's NNCF and the LiteRT quantizer."""
     _check_held_out(data, eval_data)
     man = bundle.manifest
-    calib = CalibrationSet(data, man.preprocess, input_name=man.input_name, max_images=max_images)
+    calib = CalibrationSet(data, man.preprocess, input_name=man.input_name, max_images=max_images, warn=False)
     evalset = _eval_set(calib, data, eval_data, man.preprocess, eval_max_images)
-    if evalset is None:
-        warnings.warn("no held-out evaluation frames: INT8 accuracy is not measured and no layer is kept in float; "
-                      f"pass {option('eval_data')} with labelled held-out data", CalibrationWarning, stacklevel=3)
+    calib.warn_if_few()  # on the frames left for calibration
+    evalset.split = _split_name(evalset, calib, data, eval_data)
     return calib, evalset
+
+
+def _split_name(evalset, calib, data, eval_data) -> str:
+    """Which frames INT8 is measured on, in words, for the report."""
+    if eval_data is not None:
+        return f"{option('eval_data')} (given)"
+    if calib.held_out:
+        return f"held out from the calibration frames ({calib.held_out} of {calib.held_out + len(calib)}, spread evenly)"
+    if evalset.source_key == calib.source.key:
+        return "frames of the calibration source that calibration did not read"
+    return "another split of the calibration dataset"
 
 
 def _check_held_out(data, eval_data) -> None:
@@ -170,10 +188,21 @@ def _eval_set(calib: CalibrationSet, data, eval_data, pre, eval_max_images):
                 return ev
         except CalibrationError as e:
             log.info("no validation split in %s (%s); evaluating on unused frames", spec, e)
+    most = max(int(eval_max_images or 0), MIN_HELD_OUT)
     unused = calib.unused_indices()
-    if unused:
-        return load_eval_set(calib.source, pre, indices=unused, max_images=eval_max_images, exclude_hashes=calib.hashes)
-    return None
+    if len(unused) >= MIN_HELD_OUT:  # the source has frames calibration did not read: measure on those
+        return load_eval_set(calib.source, pre, indices=unused, max_images=most, exclude_hashes=calib.hashes)
+    # else a deterministic share of the calibration frames is held out to measure INT8 on
+    n = len(calib)
+    k = max(MIN_HELD_OUT, min(math.ceil(HELD_OUT_SHARE * n), most))
+    if n - k < MIN_CALIBRATION:
+        raise CalibrationError(
+            f"{calib.description}: {n} frames are too few to calibrate and to measure INT8 on frames calibration did not "
+            f"see: holding out {k} (at least {MIN_HELD_OUT}, {HELD_OUT_SHARE:.0%}) leaves {n - k}, fewer than "
+            f"{MIN_CALIBRATION}; give at least {MIN_HELD_OUT + MIN_CALIBRATION} frames (more is better), or held-out frames "
+            f"with {option('eval_data')}"
+        )
+    return calib.hold_out(k)
 
 
 def _synthetic_split(spec: str):
@@ -207,61 +236,79 @@ def _calibrate(bundle, fp32, fp32_path: Path, calib, evalset, staging: Path, *, 
         shutil.copyfile(fp32_path, local)
     model_path = ensure_opset(local, work / "fp32.opset13.onnx")
     op_types = {n.name: n.op_type for n in onnx.load(str(model_path), load_external_data=False).graph.node}
-    ranges_path = work / "ranges.json"
-    t0 = time.perf_counter()
-    say(f"computing {method} ranges over {len(calib)} frames")
-    ranges = compute_ranges(model_path, calib, method, ranges_path, num_bins=num_bins, percentile=percentile, workdir=work)
-    calib_seconds = time.perf_counter() - t0
-    evaluator = None
-    if evalset is not None:
-        say(f"scoring FP32 on {len(evalset)} held-out frames ({evalset.description})")
-        evaluator = Evaluator(evalset, pre, man.labels, man.output_kind, fp32_path, sensitivity_frames)
+    methods = [method] if method else list(METHODS)
+    ranges_paths, all_ranges, calib_seconds = {}, {}, {}
+    for m in methods:
+        t0 = time.perf_counter()
+        say(f"computing {m} ranges over {len(calib)} frames")
+        ranges_paths[m] = work / f"ranges.{m}.json"
+        all_ranges[m] = compute_ranges(model_path, calib, m, ranges_paths[m], num_bins=num_bins, percentile=percentile,
+                                       workdir=work)
+        calib_seconds[m] = round(time.perf_counter() - t0, 1)
+    say(f"scoring FP32 on {len(evalset)} held-out frames ({evalset.description})")
+    evaluator = Evaluator(evalset, pre, man.labels, man.output_kind, fp32_path, sensitivity_frames)
 
     report = {
-        "bundle": str(bundle.path), "method": method, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "bundle": str(bundle.path), "method": method or "measured per target",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "calibration": {"data": calib.description, "frames": len(calib), "first_frames": calib.names[:5],
-                        "seconds": round(calib_seconds, 1)},
-        "evaluation": ({"data": evalset.description, "frames": len(evalset), "labelled": evalset.labelled,
-                        "sensitivity_frames": len(evaluator.sens_set), "dropped_calibration_overlap": evalset.dropped_overlap,
-                        "note": "held out from calibration; the mixed-precision search is scored on these frames too"}
-                       if evalset is not None else {"data": None, "frames": 0, "labelled": False}),
-        "metric": evaluator.metric if evaluator else None,
-        "fp32": evaluator.reference if evaluator else None,
+                        "held_out_frames": calib.held_out, "seconds": calib_seconds},
+        "evaluation": {"data": evalset.description, "frames": len(evalset), "split": evalset.split,
+                       "first_frames": evalset.names[:5], "labelled": evalset.labelled,
+                       "sensitivity_frames": len(evaluator.sens_set), "dropped_calibration_overlap": evalset.dropped_overlap,
+                       "note": ("not used for calibration; every figure below (methods, mixed-precision search, final) "
+                                "is measured on these frames" + ("" if evalset.labelled else
+                                                                 ", against the FP32 class maps since they have no labels"))},
+        "metric": evaluator.metric,
+        "fp32": evaluator.reference,
         "targets": {},
         "artifacts": [],
     }
     artifacts = []
+    chosen: dict[str, str] = {}
     for t in targets:
         p = preset(t)
         out = staging / artifact_name(t)
-        quantize = functools.partial(_quantize_to, model_path, ranges_path, method, t)
-        say(f"{t}: quantizing ({p.description})")
+        trials = {}
+        if len(methods) > 1:  # each range method's all-INT8 graph, measured; the least accuracy lost wins
+            for m in methods:
+                _quantize_to(model_path, ranges_paths[m], m, t, out)
+                trials[m] = evaluator.measure(out)
+                say(f"{t}: {m} ranges, all layers INT8: mIoU drop {trials[m]['miou_drop_points']:.2f} pts, "
+                    f"agreement with FP32 {100 * trials[m]['agreement_with_fp32']:.2f}%")
+            best = min(methods, key=lambda m: (round(trials[m]["miou_drop_points"], 6), -trials[m]["agreement_with_fp32"]))
+        else:
+            best = methods[0]
+        chosen[t] = best
+        quantize = functools.partial(_quantize_to, model_path, ranges_paths[best], best, t)
+        say(f"{t}: quantizing with {best} ranges ({p.description})")
         quantize(out)
         qnodes = quantized_nodes(out)
         if not qnodes:
             raise CalibrationError(f"ONNX Runtime found no layer of {fp32_path} to quantize for {t}; "
                                    "the model has no INT8-capable layers: deploy it in FP32/FP16")
-        entry: dict[str, Any] = {"artifact": artifact_name(t), "preset": p.to_dict(), "quantized_layers": len(qnodes),
-                                 "budget_points": budget}
-        result: MixedPrecisionResult | None = None
-        if evaluator is not None:
-            full = evaluator.measure(out)
-            say(f"{t}: all layers INT8: mIoU {full['miou']:.4f} vs FP32 {evaluator.reference['miou']:.4f} "
-                f"(drop {full['miou_drop_points']:.2f} pts, budget {budget:.2f})")
-            needs_search = full["miou_drop_points"] > budget
-            sens = []
-            if sensitivity or needs_search:
-                say(f"{t}: measuring the sensitivity of {len(qnodes)} quantized layers")
-                sens = layer_sensitivity(evaluator, quantize, qnodes, op_types, work, progress=say)
-            result = search_mixed_precision(evaluator, quantize, sens, full, budget, work, t, progress=say)
-            if result.float_layers:
-                quantize(out, nodes_to_exclude=result.float_layer_names)
-                result.final = evaluator.measure(out)  # the shipped file's own figures
-                result.within_budget = result.final["miou_drop_points"] <= budget + 1e-9
-            entry.update(result.to_dict())
-            entry["float_layers_names"] = result.float_layer_names
-            say(f"{t}: {len(result.float_layers)} layer(s) kept in float -> mIoU {result.final['miou']:.4f} "
-                f"(drop {result.final['miou_drop_points']:.2f} pts){'' if result.within_budget else ' — OVER BUDGET'}")
+        entry: dict[str, Any] = {"artifact": artifact_name(t), "method": best,
+                                 "method_chosen_by": "--method" if method else f"measured on the {len(evalset)} held-out frames",
+                                 "method_trials": {m: {k: r[k] for k in ("miou", "miou_drop_points", "agreement_with_fp32")}
+                                                   for m, r in trials.items()},
+                                 "preset": p.to_dict(), "quantized_layers": len(qnodes), "budget_points": budget}
+        full = trials.get(best) or evaluator.measure(out)
+        say(f"{t}: all layers INT8: mIoU {full['miou']:.4f} vs FP32 {evaluator.reference['miou']:.4f} "
+            f"(drop {full['miou_drop_points']:.2f} pts, budget {budget:.2f})")
+        needs_search = full["miou_drop_points"] > budget
+        sens = []
+        if sensitivity or needs_search:
+            say(f"{t}: measuring the sensitivity of {len(qnodes)} quantized layers")
+            sens = layer_sensitivity(evaluator, quantize, qnodes, op_types, work, progress=say)
+        result: MixedPrecisionResult = search_mixed_precision(evaluator, quantize, sens, full, budget, work, t, progress=say)
+        if result.float_layers:
+            quantize(out, nodes_to_exclude=result.float_layer_names)
+            result.final = evaluator.measure(out)  # the shipped file's own figures
+            result.within_budget = result.final["miou_drop_points"] <= budget + 1e-9
+        entry.update(result.to_dict())
+        entry["float_layers_names"] = result.float_layer_names
+        say(f"{t}: {len(result.float_layers)} layer(s) kept in float -> mIoU {result.final['miou']:.4f} "
+            f"(drop {result.final['miou_drop_points']:.2f} pts){'' if result.within_budget else ' — OVER BUDGET'}")
         violations: list[Violation] = []
         if t == "tensorrt":
             violations = validate_tensorrt_qdq(out)
@@ -272,7 +319,7 @@ def _calibrate(bundle, fp32, fp32_path: Path, calib, evalset, staging: Path, *, 
         parity = check_parity(fp32_path, out, pre, frames=8, output_kind=man.output_kind)
         entry["parity_vs_fp32"] = parity
         metrics = artifact_metrics(evaluator, result, calib, budget)
-        info = {"method": method, "preset": p.to_dict(), "opset": opset_of(out), "quantized_layers": len(qnodes),
+        info = {"method": best, "preset": p.to_dict(), "opset": opset_of(out), "quantized_layers": len(qnodes),
                 "calibration_frames": len(calib), "calibration_data": calib.description, "source": fp32.path}
         if t == "tensorrt":
             info["trt_calibration_cache"] = TRT_CACHE
@@ -281,7 +328,7 @@ def _calibrate(bundle, fp32, fp32_path: Path, calib, evalset, staging: Path, *, 
 
     files = [a["name"] for a in artifacts]
     if "tensorrt" in targets:
-        cache_info = write_trt_cache(staging / TRT_CACHE, scales_from_ranges(ranges), trt_version)
+        cache_info = write_trt_cache(staging / TRT_CACHE, scales_from_ranges(all_ranges[chosen["tensorrt"]]), trt_version)
         cache_info.update(path=TRT_CACHE, applies_to=fp32.path,
                           note="legacy implicit INT8 (TensorRT 8.x/10.x): trtexec --onnx=model.onnx --int8 --calib=calibration.cache")
         report["trt_calibration_cache"] = cache_info
@@ -291,7 +338,8 @@ def _calibrate(bundle, fp32, fp32_path: Path, calib, evalset, staging: Path, *, 
     write_png(report, staging / REPORT_PNG)
     files += [REPORT_JSON, REPORT_PNG]
     return {
-        "bundle": str(bundle.path), "method": method, "budget_points": budget, "files": files, "artifacts": artifacts,
+        "bundle": str(bundle.path), "method": report["method"], "methods": chosen, "budget_points": budget, "files": files,
+        "artifacts": artifacts,
         "report": REPORT_JSON, "report_png": REPORT_PNG, "calibration": report["calibration"], "evaluation": report["evaluation"],
         "fp32": report["fp32"], "trt_calibration_cache": report.get("trt_calibration_cache"),
         "targets": {t: _target_summary(e) for t, e in report["targets"].items()},
@@ -332,7 +380,8 @@ def _target_summary(e: dict) -> dict:
         "miou_fp32": (e.get("reference") or {}).get("miou"), "miou_all_int8": full.get("miou"),
         "drop_points_all_int8": full.get("miou_drop_points"), "miou_int8": final.get("miou"),
         "drop_points": final.get("miou_drop_points"), "agreement_with_fp32": final.get("agreement_with_fp32"),
-        "within_budget": e.get("within_budget"), "validator": e.get("validator"),
+        "within_budget": e.get("within_budget"), "validator": e.get("validator"), "method": e.get("method"),
+        "method_trials": e.get("method_trials") or {},
         "parity_mask_agreement": (e.get("parity_vs_fp32") or {}).get("mask_agreement"),
     }
 
@@ -364,6 +413,8 @@ def _commit(bundle, staging: Path, summary: dict, Artifact) -> None:
     targets = dict(previous.get("targets") or {})  # targets calibrated earlier keep their entry
     targets.update({t: {k: s[k] for k in ("artifact", "within_budget", "drop_points", "float_layers")}
                     for t, s in summary["targets"].items()})
+    for t, m in summary["methods"].items():
+        targets[t]["method"] = m
     bundle.manifest.metrics["quantization"] = {
         "method": summary["method"], "report": summary["report"], "report_png": summary["report_png"],
         "budget_points": summary["budget_points"],

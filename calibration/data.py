@@ -361,7 +361,8 @@ class CalibrationSet(CalibrationDataReader):
     statistics chunk by chunk (bounded memory); `rewind` starts a new pass.
     """
 
-    def __init__(self, data: Any, preprocess: Preprocess, *, input_name: str = "input", max_images: int = 512):
+    def __init__(self, data: Any, preprocess: Preprocess, *, input_name: str = "input", max_images: int = 512,
+                 warn: bool = True):
         if int(max_images) < 1:
             raise CalibrationError(f"{option('max_images')} must be at least 1, got {max_images}")
         self.preprocess, self.input_name, self.max_images = preprocess, input_name, int(max_images)
@@ -369,20 +370,60 @@ class CalibrationSet(CalibrationDataReader):
         self.indices = sample_indices(len(self.source), self.max_images)
         self.inputs: list[np.ndarray] = []
         self.names: list[str] = []
-        self.hashes: set[str] = set()
+        self.shapes: list[tuple[int, int]] = []
+        self.masks: list[np.ndarray] | None = [] if self.source.labelled else None
+        self._hashes: list[str] = []
+        self.held_out = 0  # frames moved to the evaluation split by `hold_out`
+        read = []
         for frame in progress.iterate(self.source.read(self.indices), "reading calibration frames", total=len(self.indices), unit="frames"):
-            self.hashes.add(frame_hash(frame.image))
+            self._hashes.append(frame_hash(frame.image))
             self.names.append(frame.name)
+            self.shapes.append(tuple(frame.image.shape[:2]))
             self.inputs.append(preprocess.apply(frame.image))
+            read.append(frame.index)
+            if self.masks is not None:
+                self.masks.append(np.asarray(frame.mask))
         if not self.inputs:
             raise CalibrationError(f"no frames could be read from {self.source.description}")
-        self.indices = self.indices[: len(self.inputs)]
+        self.indices = read
+        if warn:
+            self.warn_if_few()
+        self._start, self._end, self._pos = 0, len(self.inputs), 0
+
+    def warn_if_few(self) -> None:
         if len(self.inputs) < MIN_RECOMMENDED:
             warnings.warn(
                 f"calibrating with {len(self.inputs)} frames (fewer than {MIN_RECOMMENDED}): activation ranges may miss "
-                "what the deployment sees; give more representative frames", CalibrationWarning, stacklevel=2,
+                "what the deployment sees; give more representative frames", CalibrationWarning, stacklevel=3,
             )
-        self._start, self._end, self._pos = 0, len(self.inputs), 0
+
+    @property
+    def hashes(self) -> set[str]:
+        """Content hashes of the frames calibration uses (evaluation must not score them)."""
+        return set(self._hashes)
+
+    def hold_out(self, k: int):
+        """Move `k` frames, spread evenly over the ones read (deterministic: `sample_indices`), out of
+        calibration into an `EvalSet` (masks kept when the source is labelled) and return it."""
+        from calibration.evaluate import EvalSet
+
+        n = len(self.inputs)
+        if not 0 < k < n:
+            raise CalibrationError(f"cannot hold out {k} of {n} calibration frames")
+        out = set(sample_indices(n, k))
+        pick = lambda xs, held: [x for i, x in enumerate(xs) if (i in out) == held]  # noqa: E731
+        ev = EvalSet(pick(self.inputs, True), pick(self.masks, True) if self.masks is not None else None,
+                     pick(self.shapes, True), pick(self.names, True),
+                     f"{k} of {n} frames of {self.source.description}, held out from calibration (every {n / k:.1f}th)",
+                     source_key=f"{self.source.key}:held-out", ignore_index=self.source.ignore_index,
+                     dataset_labels=self.source.labels)
+        for name in ("inputs", "names", "shapes", "_hashes", "indices"):
+            setattr(self, name, pick(getattr(self, name), False))
+        if self.masks is not None:
+            self.masks = pick(self.masks, False)
+        self.held_out = k
+        self.rewind()
+        return ev
 
     @classmethod
     def from_bundle(cls, bundle, data: Any, max_images: int = 512) -> "CalibrationSet":

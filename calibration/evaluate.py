@@ -44,6 +44,7 @@ class EvalSet:
     dropped_overlap: int = 0
     ignore_index: int | None = 255
     dataset_labels: list[str] | None = None
+    split: str = ""  # which frames these are relative to calibration, in words (for the report)
 
     @property
     def labelled(self) -> bool:

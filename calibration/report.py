@@ -74,8 +74,10 @@ def write_png(report: dict, path: str | os.PathLike) -> None:
                 kept += "; hatched: group estimate"
             ax.set_title(f"{name}: {len(top)} most sensitive of {len(sens)} layers{kept}", fontsize=9)
         else:
-            ax.text(0.5, 0.5, "per-layer sensitivity not measured\n(INT8 met the budget without it)", ha="center",
-                    va="center", transform=ax.transAxes)
+            final = t.get("final") or {}
+            why = (f"\n(all-INT8 measured within the budget: drop {final['miou_drop_points']:.2f} pts "
+                   f"<= {t.get('budget_points')})" if t.get("within_budget") and final.get("miou_drop_points") is not None else "")
+            ax.text(0.5, 0.5, "per-layer sensitivity not measured" + why, ha="center", va="center", transform=ax.transAxes)
             ax.set_axis_off()
         ax = axes[r][1]
         fp = (report.get("fp32") or {}).get("per_class_iou") or {}
@@ -99,8 +101,10 @@ def write_png(report: dict, path: str | os.PathLike) -> None:
         else:
             ax.text(0.5, 0.5, "no accuracy figures", ha="center", va="center", transform=ax.transAxes)
             ax.set_axis_off()
-    fig.suptitle(f"INT8 calibration ({report.get('method')}, {report.get('calibration', {}).get('frames')} frames) "
-                 f"— evaluated on {report.get('evaluation', {}).get('data')}", fontsize=10)
+    ev = report.get("evaluation", {})
+    methods = ", ".join(f"{name}: {t.get('method')}" for name, t in targets)
+    fig.suptitle(f"INT8 calibration ({methods} ranges; {report.get('calibration', {}).get('frames')} calibration frames) "
+                 f"— measured on {ev.get('frames')} frames: {ev.get('split') or ev.get('data')}", fontsize=10)
     fig.tight_layout()
     fig.savefig(str(path), dpi=110, format="png")
 

@@ -23,7 +23,7 @@ TARGETS = ("onnx", "coreml", "openvino", "litert")
 
 
 def convert(model, out: str | os.PathLike, *, to: str = "onnx", precision: str = "fp32", calib=None, eval_data=None,
-            calib_method: str = "entropy", calib_target: str = "both", max_miou_drop: float = 0.5, **kw) -> Bundle:
+            calib_method: str | None = None, calib_target: str = "both", max_miou_drop: float = 0.5, **kw) -> Bundle:
     """Convert a model into a bundle.
 
     to: "onnx" (ONNX Runtime / TensorRT input), "coreml", "openvino" or "litert". precision: for

@@ -154,7 +154,7 @@ def test_no_absolute_path_of_this_machine_in_any_bundle_file(tmp_path):
     frames.mkdir()
     from runtime.sources import open_source
 
-    with open_source("synthetic://?frames=12&width=160&height=96") as src:
+    with open_source("synthetic://?frames=40&width=160&height=96") as src:
         for f in src:
             cv2.imwrite(str(frames / f"{f.index:03d}.jpg"), f.image)
     b = tmp_path / "bundle"
@@ -173,4 +173,4 @@ def test_no_absolute_path_of_this_machine_in_any_bundle_file(tmp_path):
     assert leaks == []
     m = Bundle.load(b).manifest
     assert m.model["checkpoint"] == "mine.pt"
-    assert m.artifacts[1].info["calibration_data"].startswith("frames (12 images)")
+    assert m.artifacts[1].info["calibration_data"].startswith("frames (40 images)")

@@ -394,3 +394,53 @@ def test_cli_reports_user_errors_with_status_2(bundle_copy, tmp_path, capsys):
     assert main(["calibrate", str(bundle_copy), "--data", str(tmp_path / "empty")]) == 2
     assert "no images in calibration folder" in capsys.readouterr().err
     assert snapshot(bundle_copy) == before
+
+
+# -- no held-out data given: a share of the calibration frames is held out ----------------------------
+def _tiny_bundle(path: Path) -> Path:
+    import torch
+    from torch import nn
+
+    from converters.onnx import convert
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 1)).eval()
+    return convert(net, path, labels=["a", "b", "c"], input_size=(32, 32), parity_frames=2).path
+
+
+def test_without_eval_data_frames_are_held_out_and_measured(tmp_path):
+    path = _tiny_bundle(tmp_path / "tiny")
+    frames = tmp_path / "frames"
+    _write_frames(frames, 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        summary = calibrate_bundle(path, frames, target="cpu", sensitivity=False, max_miou_drop=100)
+    ev = summary["evaluation"]
+    assert summary["calibration"]["frames"] == 24 and ev["frames"] == 16 and not ev["labelled"]
+    assert ev["split"].startswith("held out from the calibration frames (16 of 40")
+    t = summary["targets"]["cpu"]
+    assert set(t["method_trials"]) == {"minmax", "percentile", "entropy"}  # chosen by measurement
+    best = min(t["method_trials"].values(), key=lambda r: r["miou_drop_points"])
+    assert t["method_trials"][t["method"]]["miou_drop_points"] == best["miou_drop_points"]
+    assert t["within_budget"] is True and t["agreement_with_fp32"] is not None
+    report = json.loads((path / "quant_report.json").read_text())
+    assert report["evaluation"]["frames"] == 16 and report["calibration"]["held_out_frames"] == 16
+    held, used = set(report["evaluation"]["first_frames"]), set(report["calibration"]["first_frames"])
+    assert held and not held & used
+    # a budget of 0 is enforced on the held-out frames: the float-layer search runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        strict = calibrate_bundle(path, frames, method="minmax", target="cpu", sensitivity=False, max_miou_drop=0.0)
+    s = strict["targets"]["cpu"]
+    assert s["method"] == "minmax" and s["method_trials"] == {}
+    assert s["drop_points_all_int8"] > 0 and (s["float_layers"] or s["within_budget"] is False), s
+
+
+def test_too_few_frames_to_calibrate_and_measure_is_refused(tmp_path):
+    path = _tiny_bundle(tmp_path / "tiny")
+    frames = tmp_path / "frames"
+    _write_frames(frames, 20)
+    before = snapshot(path)
+    with pytest.raises(CalibrationError, match=r"20 frames are too few .* give at least 32 frames .*eval_data"):
+        calibrate_bundle(path, frames, target="cpu")
+    assert snapshot(path) == before

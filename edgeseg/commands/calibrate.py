@@ -12,7 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True,
                    help="calibration frames: image folder, video file, or dataset spec (synthetic:train, voc:/path ...)")
     p.add_argument("--method", choices=("minmax", "percentile", "entropy"), default=None,
-                   help="range method (default entropy; minmax for instance bundles, whose box outputs entropy clips: "
+                   help="activation range method (default: each is tried and the one whose INT8 graph loses least on the "
+                        "held-out frames is kept, per target; instance bundles: minmax, whose box outputs entropy clips: "
                         "measured mask AP 0.55 -> 0.00 with entropy, 0.50 with minmax on the default instance model)")
     p.add_argument("--target", choices=("tensorrt", "cpu", "both") + ENGINE_TARGETS, default="both",
                    help="tensorrt: symmetric int8 Q/DQ for TensorRT; cpu: uint8/int8 Q/DQ for ONNX Runtime on x86 (default both); "
@@ -24,8 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="instance bundles: accuracy budget in mask AP points (COCO, pycocotools); the nodes assembling the "
                         "outputs, then the convolutions nearest them, stay float, a few more per round, until INT8 meets it "
                         "(default 2.0)")
-    p.add_argument("--eval-data", help="held-out labelled data (default: synthetic:test for synthetic calibration data, "
-                                       "else the unused frames of --data scored against FP32)")
+    p.add_argument("--eval-data", help="held-out data INT8 is measured on (default: synthetic:test for synthetic data, a "
+                                       "dataset's val split, else frames of --data calibration does not use: those it "
+                                       "did not read, or 20%% of them held out, at least 16; unlabelled frames are scored "
+                                       "against FP32's class maps)")
     p.add_argument("--max-images", type=int, default=512, help="calibration frames to use (default 512)")
     p.add_argument("--eval-max-images", type=int, default=200, help="evaluation frames to use (default 200)")
     p.add_argument("--no-sensitivity", action="store_true",
@@ -50,7 +53,7 @@ def run(args) -> int:
             print(format_engine_summary(args.bundle, args.target, entry))
             return 1 if entry["metrics"].get("within_budget") is False else 0
         summary = calibrate_bundle(
-            args.bundle, args.data, method=args.method or "entropy", target=args.target, max_miou_drop=args.max_miou_drop,
+            args.bundle, args.data, method=args.method, target=args.target, max_miou_drop=args.max_miou_drop,
             eval_data=args.eval_data, max_images=args.max_images, eval_max_images=args.eval_max_images,
             sensitivity=not args.no_sensitivity, sensitivity_frames=args.sensitivity_frames, trt_version=args.trt_version,
             progress=steps,
@@ -129,20 +132,22 @@ def format_engine_summary(bundle: str, target: str, e: dict) -> str:
 
 
 def format_summary(s: dict) -> str:
-    ev = s["evaluation"]
-    lines = [f"{s['bundle']}: {s['method']} ranges from {s['calibration']['frames']} frames of {s['calibration']['data']}"]
-    if ev.get("data"):
-        what = "mIoU" if ev.get("labelled") else "mIoU against FP32 masks (no labels)"
-        lines.append(f"evaluated on {ev['frames']} held-out frames of {ev['data']} ({what}); budget {s['budget_points']:.2f} pts")
-    else:
-        lines.append("accuracy not measured (no held-out frames); pass --eval-data")
-    head = f"{'target':<9} {'artifact':<26} {'FP32':>7} {'all INT8':>9} {'final':>7} {'drop pts':>8} {'agree':>7} {'float layers':>12}  budget"
+    ev, cal = s["evaluation"], s["calibration"]
+    lines = [f"{s['bundle']}: ranges from {cal['frames']} frames of {cal['data']}"]
+    what = "mIoU" if ev.get("labelled") else "mIoU against FP32's class maps (no labels)"
+    lines.append(f"measured on {ev['frames']} frames: {ev.get('split') or ev['data']} ({what}); budget {s['budget_points']:.2f} pts")
+    head = (f"{'target':<9} {'artifact':<26} {'method':<10} {'FP32':>7} {'all INT8':>9} {'final':>7} {'drop pts':>8} {'agree':>7} "
+            f"{'float layers':>12}  budget")
     lines += [head, "-" * len(head)]
     for t, r in s["targets"].items():
         f = lambda v, spec=".4f": "-" if v is None else format(v, spec)  # noqa: E731
-        ok = {True: "ok", False: "MISSED", None: "-"}[r.get("within_budget")]
-        lines.append(f"{t:<9} {r['artifact']:<26} {f(r['miou_fp32']):>7} {f(r['miou_all_int8']):>9} {f(r['miou_int8']):>7} "
-                     f"{f(r['drop_points'], '.2f'):>8} {f(r['agreement_with_fp32']):>7} {len(r['float_layers']):>12}  {ok}")
+        ok = {True: "met", False: "MISSED", None: "-"}[r.get("within_budget")]
+        lines.append(f"{t:<9} {r['artifact']:<26} {r.get('method') or '-':<10} {f(r['miou_fp32']):>7} {f(r['miou_all_int8']):>9} "
+                     f"{f(r['miou_int8']):>7} {f(r['drop_points'], '.2f'):>8} {f(r['agreement_with_fp32']):>7} "
+                     f"{len(r['float_layers']):>12}  {ok}")
+        for m, tr in (r.get("method_trials") or {}).items():
+            lines.append(f"{'':<9} {m} ranges, all INT8: drop {tr['miou_drop_points']:.2f} pts, agreement {tr['agreement_with_fp32']:.4f}"
+                         + ("  <- kept" if m == r.get("method") else ""))
         for name in r["float_layers"]:
             lines.append(f"{'':<9} float: {name}")
         if r.get("validator"):

@@ -36,10 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch's ONNX exporter (default auto: TorchScript, then dynamo if it fails)")
     q = p.add_argument_group("int8")
     q.add_argument("--calib", help="calibration frames: image folder, video or dataset spec (needed for int8)")
-    q.add_argument("--method", choices=("minmax", "percentile", "entropy"), default="entropy", help="onnx: range method (default entropy)")
+    q.add_argument("--method", choices=("minmax", "percentile", "entropy"), default=None,
+                   help="onnx: activation range method (default: each is tried, the one that loses least on the held-out frames is kept)")
     q.add_argument("--target", choices=("tensorrt", "cpu", "both"), default="both",
                    help="onnx: INT8 graph for TensorRT, for ONNX Runtime on x86 CPUs, or both (default)")
-    q.add_argument("--eval-data", help="held-out labelled data to measure INT8 accuracy on (as for `edgeseg calibrate`)")
+    q.add_argument("--eval-data", help="held-out data to measure INT8 accuracy on (default as for `edgeseg calibrate`: "
+                                       "else 20%% of the --calib frames, at least 16, are held out)")
     q.add_argument("--max-miou-drop", type=float, default=0.5,
                    help="accuracy budget in mIoU points (onnx: layers stay float until it holds; openvino: NNCF's "
                         "accuracy control; litert: reported, the LiteRT quantizer has no fallback)")
