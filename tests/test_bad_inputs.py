@@ -545,6 +545,58 @@ def test_bad_flag(default_bundle, capsys, argv, expected):
     assert "Traceback" not in err and re.search(expected, err), err
 
 
+# -- model files given to convert: (id, writer of the file, error) ----------------------------------
+def _evil_checkpoint(path: Path) -> None:
+    """A checkpoint whose unpickling would run a command: torch.load must refuse it unexecuted."""
+    import os
+    import torch
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {path.parent / 'PWNED'}",))
+
+    torch.save({"state_dict": Evil()}, path)
+
+
+def _onnx_with_external_data_outside(path: Path) -> None:
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((3, 3, 1, 1), np.float32), "w")
+    w.data_location = TensorProto.EXTERNAL
+    w.ClearField("raw_data")
+    for k, v in (("location", "../../etc/passwd"), ("offset", "0"), ("length", "36")):
+        e = w.external_data.add()
+        e.key, e.value = k, v
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 64, 64])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 64, 64])
+    g = helper.make_graph([helper.make_node("Conv", ["input", "w"], ["logits"])], "g", [x], [y], [w])
+    path.write_bytes(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+
+
+MODEL_FILES = [
+    ("code-running-pickle", "evil.pt", _evil_checkpoint, r"cannot read checkpoint \S*evil\.pt: UnpicklingError.*not a torch checkpoint"),
+    ("truncated-onnx", "trunc.onnx", lambda p: p.write_bytes(b"\x08\x07\x12\x04abcd\x3a\xff\xff"),
+     r"trunc\.onnx is not a valid ONNX model .*re-export it"),
+    ("external-data-outside", "outside.onnx", _onnx_with_external_data_outside,
+     r"outside\.onnx is not a valid ONNX model .*points outside the directory"),
+    ("empty-checkpoint", "empty.pt", lambda p: p.write_bytes(b""), r"empty\.pt"),
+]
+
+
+@pytest.mark.parametrize("name, make, expected", [pytest.param(n, m, e, id=i) for i, n, m, e in MODEL_FILES])
+def test_hostile_model_file(tmp_path, capsys, name, make, expected):
+    from edgeseg.cli import main
+
+    make(tmp_path / name)
+    status = main(["convert", str(tmp_path / name), "--out", str(tmp_path / "bundle"), "--labels", "a,b,c"])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert "Traceback" not in err and re.search(expected, err), err
+    assert not (tmp_path / "PWNED").exists(), "unpickling ran code from the file"
+    assert not (tmp_path / "bundle" / "manifest.json").exists()
+
+
 # -- HTTP requests to the browser view: (id, server, request, status, text in the answer) ------------
 TOKEN = "t0ken-" + "x" * 20
 
