@@ -270,9 +270,9 @@ def convert_instances(src, out, *, instance_tail: bool = False, fold_normalizati
             raise ConversionError(f"--max-detections must be 1..3000 (TensorRT's TopK limit is below 3840), got {K}")
         # NMS cannot keep more rows than there are anchors: a small input has fewer than K
         graph, graph_layout = tail_module(model, layout, max_detections=min(K, anchors))
-    out = Path(out)
-    if out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
-        raise ConversionError(f"{out} exists and is not a bundle; choose an empty or new folder for --out")
+    from converters.onnx import bundle_out
+
+    out = bundle_out(out)
     deployed_pre = pre.replace(dtype="uint8") if fold_normalization else pre
     with write_lock(out), atomic_path(out) as tmp:
         tmp.mkdir()
@@ -312,9 +312,9 @@ def _convert_instance_onnx(src, out, *, instance_tail: bool, simplify: bool, par
         raise ConversionError(str(e)) from None
     if layout.num_classes != len(src.labels):
         raise ConversionError(f"{src.onnx_path} has {layout.num_classes} classes but {len(src.labels)} labels were given")
-    out = Path(out)
-    if out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
-        raise ConversionError(f"{out} exists and is not a bundle; choose an empty or new folder for --out")
+    from converters.onnx import bundle_out
+
+    out = bundle_out(out)
     pre = src.preprocess
     with write_lock(out), atomic_path(out) as tmp:
         tmp.mkdir()

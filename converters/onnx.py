@@ -54,6 +54,15 @@ class SourceModel:
 
 
 # -- loading -------------------------------------------------------------------------------
+
+def bundle_out(out) -> Path:
+    """The --out folder of a conversion: new, empty, or a bundle to add to; anything else is refused."""
+    out = Path(out)
+    if out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
+        raise ConversionError(f"{out} exists and is not a bundle; choose an empty or new folder for --out")
+    return out
+
+
 def load_source(source, *, labels: list[str] | None = None, preprocess: Preprocess | None = None,
                 input_size: tuple[int, int] | None = None, model_args: dict | None = None) -> SourceModel:
     """Resolve what the user named into a SourceModel (see the module docstring for the forms)."""
@@ -516,9 +525,7 @@ def convert(source, out: str | os.PathLike, *, dynamic: bool = False, fold_norma
                                  simplify=simplify, max_detections=max_detections, dynamic=dynamic, argmax=argmax)
     if instance_tail:
         raise ConversionError(f"{option('instance_tail')} applies to instance-segmentation models; {src.name} is semantic")
-    out = Path(out)
-    if out.exists() and not (out / "manifest.json").exists() and any(out.iterdir()):
-        raise ConversionError(f"{out} exists and is not a bundle; choose an empty or new folder for --out")
+    out = bundle_out(out)
     pre = src.preprocess
     with write_lock(out), atomic_path(out) as tmp:
         tmp.mkdir()
