@@ -42,7 +42,7 @@ def calibrate_bundle(bundle_path: str | os.PathLike, data: Any, *, method: str |
                      max_miou_drop: float = 0.5, eval_data: Any = None, max_images: int = 512,
                      eval_max_images: int = 200, sensitivity: bool = True, sensitivity_frames: int = 16,
                      trt_version: str | None = None, num_bins: int | None = None, percentile: float | None = None,
-                     progress: Callable[[str], None] | None = None) -> dict:
+                     progress: Callable[[str], None] | None = None, candidates: Callable | None = None) -> dict:
     """Quantize a bundle's FP32 ONNX model to INT8 for `target` ("tensorrt", "cpu" or "both").
 
     data: calibration frames (image folder, video, dataset spec such as synthetic:train, reader, arrays).
@@ -54,7 +54,10 @@ def calibrate_bundle(bundle_path: str | os.PathLike, data: Any, *, method: str |
     INT8 is scored against FP32's class maps. Accuracy is always measured, and the budget enforced.
     max_miou_drop: accuracy budget in mIoU points (0.5 = half a percent); layers are kept in float
     until INT8 meets it. sensitivity: measure every layer's effect even when INT8 meets the budget
-    (for the report). Returns a summary; the bundle gains the artifacts and the report.
+    (for the report). candidates: where the sensitivity pass and the float-layer search score
+    their candidates, `candidates(evaluator, model_path, ranges_path, method, target)` -> a
+    measurer (`edgeseg.cluster.calibrate.RayCandidates`: on Ray workers); default here, one at a
+    time. Returns a summary; the bundle gains the artifacts and the report.
     """
     from edgeseg.bundle import Artifact, Bundle
 
@@ -91,7 +94,7 @@ def calibrate_bundle(bundle_path: str | os.PathLike, data: Any, *, method: str |
     try:
         summary = _calibrate(bundle, fp32, fp32_path, calib, evalset, staging, method=method, targets=targets, budget=budget,
                              sensitivity=sensitivity, sensitivity_frames=sensitivity_frames, trt_version=trt_version,
-                             num_bins=num_bins, percentile=percentile, say=say)
+                             num_bins=num_bins, percentile=percentile, say=say, candidates=candidates)
         _commit_locked(bundle, staging, summary, Artifact)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -212,7 +215,7 @@ def _synthetic_split(spec: str):
 
 
 def _calibrate(bundle, fp32, fp32_path: Path, calib, evalset, staging: Path, *, method, targets, budget, sensitivity,
-               sensitivity_frames, trt_version, num_bins, percentile, say) -> dict:
+               sensitivity_frames, trt_version, num_bins, percentile, say, candidates=None) -> dict:
     import functools
 
     import onnx
@@ -220,7 +223,7 @@ def _calibrate(bundle, fp32, fp32_path: Path, calib, evalset, staging: Path, *, 
     from calibration.cache import scales_from_ranges, write_trt_cache
     from calibration.quantize import compute_ranges, ensure_opset, opset_of, preset, quantized_nodes
     from calibration.report import REPORT_JSON, REPORT_PNG, write_json, write_png
-    from calibration.sensitivity import Evaluator, MixedPrecisionResult, layer_sensitivity, search_mixed_precision
+    from calibration.sensitivity import Evaluator, LocalMeasurer, MixedPrecisionResult, layer_sensitivity, search_mixed_precision
     from converters.parity import check_parity
 
     man = bundle.manifest
@@ -297,15 +300,21 @@ def _calibrate(bundle, fp32, fp32_path: Path, calib, evalset, staging: Path, *, 
             f"(drop {full['miou_drop_points']:.2f} pts, budget {budget:.2f})")
         needs_search = full["miou_drop_points"] > budget
         sens = []
+        measurer = (candidates(evaluator, model_path, ranges_paths[best], best, t) if candidates
+                    else LocalMeasurer(evaluator, quantize, work))
+        t_search = time.perf_counter()
         if sensitivity or needs_search:
-            say(f"{t}: measuring the sensitivity of {len(qnodes)} quantized layers")
-            sens = layer_sensitivity(evaluator, quantize, qnodes, op_types, work, progress=say)
-        result: MixedPrecisionResult = search_mixed_precision(evaluator, quantize, sens, full, budget, work, t, progress=say)
+            where = f" on {measurer.parallel} workers" if measurer.parallel > 1 else ""
+            say(f"{t}: measuring the sensitivity of {len(qnodes)} quantized layers{where}")
+            sens = layer_sensitivity(measurer, qnodes, op_types, progress=say)
+        result: MixedPrecisionResult = search_mixed_precision(evaluator, measurer, sens, full, budget, t, progress=say)
         if result.float_layers:
             quantize(out, nodes_to_exclude=result.float_layer_names)
             result.final = evaluator.measure(out)  # the shipped file's own figures
             result.within_budget = result.final["miou_drop_points"] <= budget + 1e-9
         entry.update(result.to_dict())
+        # where the sensitivity pass and the search scored their candidates, and how long they took
+        entry["candidates"] = {**measurer.stats(), "seconds": round(time.perf_counter() - t_search, 2)}
         entry["float_layers_names"] = result.float_layer_names
         say(f"{t}: {len(result.float_layers)} layer(s) kept in float -> mIoU {result.final['miou']:.4f} "
             f"(drop {result.final['miou_drop_points']:.2f} pts){'' if result.within_budget else ' — OVER BUDGET'}")

@@ -17,6 +17,13 @@
 
 The budget is on mIoU against labels (points = percent). Without labels the FP32 class maps stand in
 for labels, which is stricter: every pixel INT8 changes counts as an error.
+
+Candidates are built and scored by a *measurer*: `LocalMeasurer` one after another on this machine,
+or `edgeseg.cluster.calibrate.RayCandidates` on Ray workers, `parallel` at a time. The sensitivity
+pass hands it every group (then every refined layer) at once; the search, whose next step depends
+on the last answer, asks for the candidates it may need next ahead of time (the next prefixes of
+the doubling, the next levels of the bisection, the next layers to give back) and decides exactly
+as the one-at-a-time search does, reading the answers it asked for in the same order.
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 from calibration.evaluate import EvalSet, agreement, noise_ratio, onnx_runner, predict, pseudo_score, score
 from edgeseg.progress import bar as progress_bar
@@ -34,6 +41,19 @@ from edgeseg.spec import Preprocess
 log = logging.getLogger("edgeseg.calibration")
 
 QuantizeFn = Callable[..., Path]  # (out_path, nodes_to_exclude=..., nodes_to_quantize=...) -> path
+
+
+class Measurer(Protocol):
+    parallel: int  # candidates it scores at once
+
+    def quick(self, groups: list[list[str]]) -> list[dict]:
+        """`Evaluator.quick` of each graph with only that group's layers quantized, in order."""
+
+    def measure(self, float_sets: list[list[str]]) -> list[dict]:
+        """`Evaluator.measure` of each graph with every layer quantized but that set's, in order."""
+
+    def stats(self) -> dict:
+        """Where the candidates were scored, and how many (for the report)."""
 
 
 @dataclass
@@ -90,6 +110,7 @@ class Evaluator:
                  fp32_path: str | Path, sensitivity_frames: int = 16):
         self.evalset, self.pre, self.labels, self.output_kind = evalset, preprocess, labels, output_kind
         self.metric = "miou" if evalset.labelled else "miou_vs_fp32"
+        self.threads: int | None = None  # engine threads for candidates (a cluster worker sets its CPUs)
         self.fp32_maps = predict(onnx_runner(fp32_path), evalset, preprocess, output_kind)
         if evalset.labelled:
             self.reference = score(self.fp32_maps, evalset, labels)
@@ -102,7 +123,7 @@ class Evaluator:
     def measure(self, model: str | Path | Callable) -> dict:
         """Scores of a candidate (an ONNX file, or any batch -> output runner: another engine's
         artifact) on the whole evaluation set, with its mIoU drop against FP32 in points."""
-        maps = predict(model if callable(model) else onnx_runner(model), self.evalset, self.pre, self.output_kind)
+        maps = predict(model if callable(model) else onnx_runner(model, self.threads), self.evalset, self.pre, self.output_kind)
         s = score(maps, self.evalset, self.labels) if self.evalset.labelled else pseudo_score(maps, self.fp32_maps, self.labels)
         s["agreement_with_fp32"] = agreement(maps, self.fp32_maps)
         s["miou_drop_points"] = 100.0 * (self.reference["miou"] - s["miou"])
@@ -110,7 +131,7 @@ class Evaluator:
 
     def quick(self, model_path: str | Path) -> dict:
         """Effect of a candidate on the sensitivity frames: changed pixels, noise ratio, mIoU change."""
-        maps, outs = predict(onnx_runner(model_path), self.sens_set, self.pre, self.output_kind, keep_outputs=True)
+        maps, outs = predict(onnx_runner(model_path, self.threads), self.sens_set, self.pre, self.output_kind, keep_outputs=True)
         out = {"changed_pixels": 1.0 - agreement(maps, self.sens_maps), "noise_ratio": noise_ratio(outs, self.sens_outputs),
                "miou_drop_points": None}
         if self.sens_set.labelled:
@@ -119,22 +140,57 @@ class Evaluator:
         return out
 
 
-def layer_sensitivity(evaluator: Evaluator, quantize: QuantizeFn, layers: Sequence[str], op_types: dict[str, str],
-                      workdir: Path, progress: Callable[[str], None] | None = None, group_size: int | None = None,
+class LocalMeasurer:
+    """Candidates quantized with `quantize` into `workdir` and scored by `evaluator`, one at a time."""
+
+    parallel = 1
+
+    def __init__(self, evaluator: Evaluator, quantize: QuantizeFn, workdir: Path):
+        self.evaluator, self.quantize, self.path = evaluator, quantize, Path(workdir) / "candidate.onnx"
+        self.count = 0
+
+    def quick(self, groups: list[list[str]]) -> list[dict]:
+        out = []
+        for names in groups:
+            self.quantize(self.path, nodes_to_quantize=list(names))
+            out.append(self.evaluator.quick(self.path))
+        self.path.unlink(missing_ok=True)
+        self.count += len(groups)
+        return out
+
+    def measure(self, float_sets: list[list[str]]) -> list[dict]:
+        out = []
+        for names in float_sets:
+            self.quantize(self.path, nodes_to_exclude=list(names))
+            out.append(self.evaluator.measure(self.path))
+        self.path.unlink(missing_ok=True)
+        self.count += len(float_sets)
+        return out
+
+    def stats(self) -> dict:
+        return {"where": "this process", "candidates": self.count}
+
+
+def layer_sensitivity(measurer: Measurer, layers: Sequence[str], op_types: dict[str, str],
+                      progress: Callable[[str], None] | None = None, group_size: int | None = None,
                       refine_groups: int = 3, refine_ratio: float = 0.5) -> list[LayerSensitivity]:
     """Each layer's effect when quantized alone, coarse to fine (see the module doc). Most sensitive first."""
-    path = workdir / "sensitivity.onnx"
     done = [0]
     total = len(layers)
+    # a parallel measurer gets several batches' worth at once (workers stay busy), while the
+    # progress still moves; one at a time here
+    chunk = 1 if measurer.parallel <= 1 else 4 * measurer.parallel
 
-    def measure(names: list[str]) -> dict:
-        quantize(path, nodes_to_quantize=names)
-        q = evaluator.quick(path)
-        done[0] += 1
-        bar.update()
-        if progress and done[0] % 10 == 0:
-            progress(f"sensitivity: {done[0]} measurements ({total} layers)")
-        return q
+    def measure(name_lists: list[list[str]]) -> list[dict]:
+        out: list[dict] = []
+        for i in range(0, len(name_lists), chunk):
+            part = name_lists[i:i + chunk]
+            out += measurer.quick(part)
+            before, done[0] = done[0], done[0] + len(part)
+            bar.update(len(part))
+            if progress and done[0] // 10 > before // 10:
+                progress(f"sensitivity: {done[0]} measurements ({total} layers)")
+        return out
 
     def entry(name, q, measured="alone"):
         return LayerSensitivity(name, op_types.get(name, "?"), q["changed_pixels"], q["noise_ratio"], q["miou_drop_points"], measured)
@@ -144,30 +200,32 @@ def layer_sensitivity(evaluator: Evaluator, quantize: QuantizeFn, layers: Sequen
     groups = [list(layers[i:i + k]) for i in range(0, total, k)] if grouped else []
     bar = progress_bar("layer sensitivity", total=len(groups) if grouped else total, unit="trials")
     if not grouped:
-        out = [entry(name, measure([name])) for name in layers]
+        out = [entry(name, q) for name, q in zip(layers, measure([[name] for name in layers]))]
     else:
-        effects = [measure(g) for g in groups]
+        effects = measure(groups)
         key = lambda q: (q["changed_pixels"], q["noise_ratio"])  # noqa: E731
         ranked = sorted(range(len(groups)), key=lambda i: key(effects[i]), reverse=True)
         worst = effects[ranked[0]]
         refine = set(ranked[:refine_groups]) | {
             i for i in ranked if effects[i]["changed_pixels"] >= refine_ratio * worst["changed_pixels"] > 0}
         bar.total = len(groups) + sum(len(groups[i]) for i in refine)
+        alone = [name for i in sorted(refine) for name in groups[i]]
+        by_name = dict(zip(alone, measure([[name] for name in alone])))
         out = []
         for i, g in enumerate(groups):
             if i in refine:
-                out += [entry(name, measure([name])) for name in g]
+                out += [entry(name, by_name[name]) for name in g]
             else:
                 out += [entry(name, effects[i], f"group of {len(g)}") for name in g]
     bar.close()
-    path.unlink(missing_ok=True)
     return sorted(out, key=lambda s: s.key, reverse=True)
 
 
-def search_mixed_precision(evaluator: Evaluator, quantize: QuantizeFn, sensitivity: list[LayerSensitivity],
-                           full_int8: dict, budget_points: float, workdir: Path, target: str,
+def search_mixed_precision(evaluator: Evaluator, measurer: Measurer, sensitivity: list[LayerSensitivity],
+                           full_int8: dict, budget_points: float, target: str,
                            max_prune_trials: int = 32, progress: Callable[[str], None] | None = None) -> MixedPrecisionResult:
-    """Fewest layers in float (greedy by sensitivity, then pruned) that bring the drop within budget."""
+    """Fewest layers in float (greedy by sensitivity, then pruned) that bring the drop within budget.
+    `evaluator` gives the metric and FP32's figures; `measurer` scores the candidates."""
     t0 = time.perf_counter()
     result = MixedPrecisionResult(target, evaluator.metric, budget_points, evaluator.reference, full_int8, full_int8,
                                   sensitivity=sensitivity)
@@ -177,16 +235,32 @@ def search_mixed_precision(evaluator: Evaluator, quantize: QuantizeFn, sensitivi
         return result
     ranked = [s for s in sensitivity if s.noise_ratio > 0 or s.changed_pixels > 0]
     by_name = {s.name: s for s in sensitivity}
-    cache: dict[frozenset, dict] = {frozenset(): full_int8}
-    path = workdir / "candidate.onnx"
+    cache: dict[frozenset, dict] = {frozenset(): full_int8}  # the trials the search asked for
+    ahead: dict[frozenset, dict] = {}  # candidates scored ahead of time, not asked for (yet)
+    room = max(1, measurer.parallel)
 
     trials = progress_bar(f"{target}: float-layer search", unit="trials")
+
+    def prefetch(name_lists: list[list[str]]) -> None:
+        """With a parallel measurer: score the candidates the next steps may ask for, `room` at once."""
+        if room <= 1:
+            return
+        todo, seen = [], set()
+        for names in name_lists:
+            key = frozenset(names)
+            if key not in cache and key not in ahead and key not in seen:
+                todo.append(list(names))
+                seen.add(key)
+            if len(todo) == room:
+                break
+        if len(todo) > 1:
+            for names, r in zip(todo, measurer.measure(todo)):
+                ahead[frozenset(names)] = r
 
     def trial(names: list[str], purpose: str) -> dict:
         key = frozenset(names)
         if key not in cache:
-            quantize(path, nodes_to_exclude=names)
-            cache[key] = evaluator.measure(path)
+            cache[key] = ahead.pop(key) if key in ahead else measurer.measure([list(names)])[0]
             s = cache[key]
             trials.update()
             trials.note(f"{len(names)} in float: drop {s['miou_drop_points']:.2f} pts")
@@ -195,9 +269,11 @@ def search_mixed_precision(evaluator: Evaluator, quantize: QuantizeFn, sensitivi
                 progress(f"{target}: {len(names)} layer(s) in float -> mIoU drop {s['miou_drop_points']:.2f} pts ({purpose})")
         return cache[key]
 
+    prefix = lambda n: [s.name for s in ranked[:n]]  # noqa: E731
     # shortest passing prefix: double, then bisect
     lo, hi, k = 0, None, 1
     while k <= len(ranked):
+        prefetch([prefix(n) for n in _doublings(k, len(ranked))])
         if ok(trial([s.name for s in ranked[:k]], f"top {k} by sensitivity")):
             hi = k
             break
@@ -212,6 +288,7 @@ def search_mixed_precision(evaluator: Evaluator, quantize: QuantizeFn, sensitivi
         chosen, final, within = list(best[0]), best[1], False
     else:
         while hi - lo > 1:
+            prefetch([prefix(n) for n in _bisection_points(lo, hi)])
             mid = (lo + hi) // 2
             if ok(trial([s.name for s in ranked[:mid]], f"top {mid} by sensitivity")):
                 hi = mid
@@ -223,7 +300,10 @@ def search_mixed_precision(evaluator: Evaluator, quantize: QuantizeFn, sensitivi
         budget_left, changed = max_prune_trials, True
         while changed and len(chosen) > 1 and budget_left > 0:
             changed = False
-            for name in list(reversed(chosen)):
+            order = list(reversed(chosen))
+            for i, name in enumerate(order):
+                # the next layers to try giving back, each against the layers kept now
+                prefetch([[n for n in chosen if n != m] for m in order[i:i + min(room, budget_left + 1)]])
                 rest = [n for n in chosen if n != name]
                 if frozenset(rest) not in cache:
                     if budget_left == 0:
@@ -249,9 +329,32 @@ def search_mixed_precision(evaluator: Evaluator, quantize: QuantizeFn, sensitivi
                                     "noise_ratio": s.noise_ratio if s else None,
                                     "miou_drop_points_alone": s.miou_drop_points if s else None,
                                     "drop_points_if_quantized": without["miou_drop_points"] if without else None})
-    path.unlink(missing_ok=True)
     result.seconds = time.perf_counter() - t0
     return result
 
 
-__all__ = ["LayerSensitivity", "Trial", "MixedPrecisionResult", "Evaluator", "layer_sensitivity", "search_mixed_precision"]
+def _doublings(k: int, n: int) -> list[int]:
+    """The prefix sizes the doubling asks for from k on: k, 2k, 4k ... then all n."""
+    out = []
+    while k <= n:
+        out.append(k)
+        k *= 2
+    return out + [n]
+
+
+def _bisection_points(lo: int, hi: int) -> list[int]:
+    """The points bisection of (lo, hi) may ask for, level by level (the midpoint, then the
+    midpoints of both halves, ...)."""
+    out, level = [], [(lo, hi)]
+    while level:
+        nxt = []
+        for a, b in level:
+            if b - a > 1:
+                m = (a + b) // 2
+                out.append(m)
+                nxt += [(a, m), (m, b)]
+        level = nxt
+    return out
+
+
+__all__ = ["LayerSensitivity", "Trial", "MixedPrecisionResult", "Evaluator", "LocalMeasurer", "Measurer", "layer_sensitivity", "search_mixed_precision"]

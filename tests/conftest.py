@@ -83,3 +83,30 @@ def default_bundle(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bundles") / "default"
     return convert("default", out)
+
+
+def outlier_model(default_model, scale: float = 300.0):
+    """The default model with one head channel scaled up `scale` times and the next layer's weights
+    for that channel scaled down: the same function, but one activation channel dwarfs the rest,
+    as happens in real networks. Per-tensor activation ranges then crush the other channels."""
+    import copy
+
+    import torch
+
+    from edgeseg.data.synthetic import SyntheticScenes
+    from edgeseg.spec import Preprocess
+
+    model = copy.deepcopy(default_model[0]).eval()
+    bn, relu_out = model.cbr[1], {}
+    hook = model.cbr.register_forward_hook(lambda m, i, o: relu_out.__setitem__("y", o))
+    pre = Preprocess.from_dict(default_model[1]["preprocess"])
+    scenes = SyntheticScenes(size=pre.size, length=4, split="val")
+    with torch.no_grad():
+        model(torch.from_numpy(pre.apply_batch([scenes[i][0] for i in range(4)])))
+    hook.remove()
+    c = int(relu_out["y"].mean((0, 2, 3)).argmax())  # a channel that is alive on real frames
+    with torch.no_grad():
+        bn.weight[c] *= scale  # ReLU(s*z) = s*ReLU(z) for s > 0: the channel grows s times
+        bn.bias[c] *= scale
+        model.high_classifier.weight[:, c] /= scale  # ... and the consumer undoes it
+    return model, c

@@ -22,6 +22,7 @@ from calibration.quantize import validate_tensorrt_qdq
 from edgeseg.bundle import Artifact, Bundle, Manifest, default_palette
 from edgeseg.data.synthetic import SyntheticScenes
 from edgeseg.spec import Preprocess
+from tests.conftest import outlier_model
 
 BUDGET = 0.5  # mIoU points
 CALIB = "synthetic:train?n=64"  # calibration split
@@ -133,30 +134,6 @@ def test_checkpoint_and_bundle_evaluate_alike(default_bundle):
 
 
 # -- mixed precision on a model with outlier activations -------------------------------------------
-def outlier_model(default_model, scale: float = 300.0):
-    """The default model with one head channel scaled up `scale` times and the next layer's weights
-    for that channel scaled down: the same function, but one activation channel dwarfs the rest,
-    as happens in real networks. Per-tensor activation ranges then crush the other channels."""
-    import copy
-
-    import torch
-
-    model = copy.deepcopy(default_model[0]).eval()
-    bn, relu_out = model.cbr[1], {}
-    hook = model.cbr.register_forward_hook(lambda m, i, o: relu_out.__setitem__("y", o))
-    pre = Preprocess.from_dict(default_model[1]["preprocess"])
-    scenes = SyntheticScenes(size=pre.size, length=4, split="val")
-    with torch.no_grad():
-        model(torch.from_numpy(pre.apply_batch([scenes[i][0] for i in range(4)])))
-    hook.remove()
-    c = int(relu_out["y"].mean((0, 2, 3)).argmax())  # a channel that is alive on real frames
-    with torch.no_grad():
-        bn.weight[c] *= scale  # ReLU(s*z) = s*ReLU(z) for s > 0: the channel grows s times
-        bn.bias[c] *= scale
-        model.high_classifier.weight[:, c] /= scale  # ... and the consumer undoes it
-    return model, c
-
-
 def test_mixed_precision_repairs_an_outlier_layer(default_model, tmp_path):
     import torch
 

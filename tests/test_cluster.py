@@ -194,6 +194,50 @@ def test_eval_on_local_cluster_equals_single_machine(default_bundle, tmp_path):
         assert a["pixel_accuracy"] == b["pixel_accuracy"] and a["agreement_with_fp32"] == b["agreement_with_fp32"]
 
 
+def test_calibrate_on_cluster_keeps_the_same_float_layers(default_model, ray_address, tmp_path, capsys):
+    """A model whose all-INT8 graph misses the budget: the per-layer sensitivity and the float-layer
+    search run their candidates on two workers, and decide exactly as on one machine."""
+    import shutil
+    import warnings
+
+    from calibration import CalibrationWarning, calibrate_bundle
+    from converters.onnx import convert
+    from edgeseg.spec import Preprocess
+    from tests.conftest import outlier_model
+
+    model, _ = outlier_model(default_model)
+    here = convert(model, tmp_path / "here", labels=default_model[1]["labels"],
+                   preprocess=Preprocess.from_dict(default_model[1]["preprocess"])).path
+    there = shutil.copytree(here, tmp_path / "there")
+    calib, held_out = "synthetic:train?n=64", "synthetic:test?n=48"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        local = calibrate_bundle(here, calib, method="minmax", target="tensorrt", eval_data=held_out, max_images=64,
+                                 sensitivity_frames=8)
+    assert main(["calibrate", str(there), "--data", calib, "--eval-data", held_out, "--method", "minmax", "--target", "tensorrt",
+                 "--max-images", "64", "--sensitivity-frames", "8", "--cluster", "local", "--workers", "2"]) == 0
+    printed = capsys.readouterr().out
+    a = json.loads((here / "quant_report.json").read_text())["targets"]["tensorrt"]
+    b = json.loads((there / "quant_report.json").read_text())["targets"]["tensorrt"]
+    assert local["targets"]["tensorrt"]["drop_points_all_int8"] > 0.5  # the search had work to do
+    assert b["float_layers_names"] == a["float_layers_names"] and a["float_layers_names"]
+    assert all(f"float: {name}" in printed for name in b["float_layers_names"])
+    assert [s["name"] for s in b["sensitivity"]] == [s["name"] for s in a["sensitivity"]]
+    assert [(t["float_layers"], t["purpose"], t["within_budget"]) for t in b["trials"]] == \
+        [(t["float_layers"], t["purpose"], t["within_budget"]) for t in a["trials"]]
+    assert b["final"]["miou"] == a["final"]["miou"]
+    assert a["candidates"]["where"] == "this process"
+    assert b["candidates"]["where"] == "2 Ray worker(s)" and len(b["candidates"]["per_worker"]) == 2
+    assert b["candidates"]["candidates"] >= a["candidates"]["candidates"]  # plus those scored ahead of time
+    assert (there / "model.int8.tensorrt.onnx").read_bytes() == (here / "model.int8.tensorrt.onnx").read_bytes()
+
+
+def test_calibrate_cluster_refuses_what_it_does_not_distribute(default_bundle, capsys):
+    assert main(["calibrate", str(default_bundle.path), "--data", "synthetic:train?n=40", "--target", "openvino",
+                 "--cluster", "local"]) != 0
+    assert "--cluster distributes the ONNX INT8 search" in capsys.readouterr().err
+
+
 # -- Ray's retries, directly ---------------------------------------------------------------------
 class Flaky:
     """Fails the first `fail` calls of each key (counted in files, so a restarted process knows)."""

@@ -25,11 +25,12 @@ from edgeseg.errors import EdgesegError
 class CandidateWorker:
     """One copy of the FP32 graph and the evaluator; quantizes and scores the candidates it is given."""
 
-    def __init__(self, evaluator, model: bytes):
+    def __init__(self, evaluator, model: bytes, threads: int | None = None):
         self._tmp = scratch_dir("calibrate")
         self.model = self._tmp / "fp32.onnx"
         self.model.write_bytes(model)
         self.evaluator = evaluator
+        self.evaluator.threads = threads  # the CPUs this worker reserved, not every core of its node
         self._ranges: dict[str, Path] = {}
 
     def info(self) -> dict:
@@ -79,7 +80,8 @@ class RayCandidates:
         key = (id(evaluator), str(model_path))
         if key not in self._pools:  # one pool per evaluation set and graph, shared by the targets
             n = self.workers or max(1, self._cluster.cpus() // self.worker_cpus)
-            setup = (Shared(self._cluster.put(evaluator)), Shared(self._cluster.put(Path(model_path).read_bytes())))
+            setup = (Shared(self._cluster.put(evaluator)), Shared(self._cluster.put(Path(model_path).read_bytes())),
+                     self.worker_cpus)
             self._pools[key] = self._cluster.pool(CandidateWorker, setup, workers=n, cpus=self.worker_cpus,
                                                   max_retries=self.max_retries)
         return _Measurer(self._pools[key], self._cluster.put(Path(ranges_path).read_bytes()), method, target)
@@ -104,6 +106,7 @@ class _Measurer:
     def __init__(self, pool, ranges_ref, method: str, target: str):
         self.pool, self.ranges, self.method, self.target = pool, ranges_ref, method, target
         self.parallel = len(pool.workers)
+        self.per_worker: dict[str, int] = {}
 
     def _run(self, kind: str, name_lists: list[list[str]]) -> list[dict]:
         items = [(i, "candidate", lambda names=names: (self.ranges, self.method, self.target, kind, list(names)))
@@ -114,7 +117,13 @@ class _Measurer:
                 raise EdgesegError(f"{self.target}: a candidate with {len(name_lists[i])} layer(s) failed on the cluster: "
                                    f"{outcome.error}")
             out[i] = outcome["result"]
+            where = f"{outcome['info']['host']}:{outcome['info']['pid']}"
+            self.per_worker[where] = self.per_worker.get(where, 0) + 1
         return out
+
+    def stats(self) -> dict:
+        return {"where": f"{self.parallel} Ray worker(s)", "candidates": sum(self.per_worker.values()),
+                "per_worker": dict(self.per_worker), "retried": self.pool.retried}
 
     def quick(self, groups: list[list[str]]) -> list[dict]:
         return self._run("quick", groups)

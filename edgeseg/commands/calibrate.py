@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the per-layer analysis when INT8 already meets the budget (faster; the report has no layer chart)")
     p.add_argument("--sensitivity-frames", type=int, default=16, help="frames for the per-layer analysis (default 16)")
     p.add_argument("--trt-version", help="TensorRT version the legacy calibration cache is for (default: installed, else 10.3.0)")
+    from edgeseg.cluster.cli import add_cluster_arguments
+
+    add_cluster_arguments(p, "--target tensorrt|cpu|both: each sensitivity and float-layer candidate on a Ray worker; same result")
 
 
 def run(args) -> int:
@@ -44,7 +47,14 @@ def run(args) -> int:
 
     from edgeseg.bundle import Bundle
 
-    if Bundle.load(args.bundle).manifest.task == "instance-segmentation":
+    instance = Bundle.load(args.bundle).manifest.task == "instance-segmentation"
+    if args.cluster and (instance or args.target in ENGINE_TARGETS):
+        from edgeseg.errors import EdgesegError
+
+        what = "an instance bundle" if instance else f"--target {args.target} (its quantizer runs its own search)"
+        raise EdgesegError(f"--cluster distributes the ONNX INT8 search (--target tensorrt, cpu or both); {what} calibrates "
+                           "on this machine: drop --cluster")
+    if instance:
         return _instance_int8(args)
     with warnings.catch_warnings():
         warnings.simplefilter("always", CalibrationWarning)  # printed as one line by the CLI
@@ -52,12 +62,16 @@ def run(args) -> int:
             entry = _engine_int8(args)
             print(format_engine_summary(args.bundle, args.target, entry))
             return 1 if entry["metrics"].get("within_budget") is False else 0
-        summary = calibrate_bundle(
-            args.bundle, args.data, method=args.method, target=args.target, max_miou_drop=args.max_miou_drop,
-            eval_data=args.eval_data, max_images=args.max_images, eval_max_images=args.eval_max_images,
-            sensitivity=not args.no_sensitivity, sensitivity_frames=args.sensitivity_frames, trt_version=args.trt_version,
-            progress=steps,
-        )
+        options = dict(method=args.method, target=args.target, max_miou_drop=args.max_miou_drop, eval_data=args.eval_data,
+                       max_images=args.max_images, eval_max_images=args.eval_max_images, sensitivity=not args.no_sensitivity,
+                       sensitivity_frames=args.sensitivity_frames, trt_version=args.trt_version, progress=steps)
+        if args.cluster:
+            from edgeseg.cluster.calibrate import RayCandidates
+
+            with RayCandidates(args.cluster, workers=args.workers, worker_cpus=args.worker_cpus) as candidates:
+                summary = calibrate_bundle(args.bundle, args.data, candidates=candidates, **options)
+        else:
+            summary = calibrate_bundle(args.bundle, args.data, **options)
     print(format_summary(summary))
     over = [t for t, s in summary["targets"].items() if s.get("within_budget") is False]
     return 1 if over else 0
